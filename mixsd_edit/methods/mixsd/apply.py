@@ -1,0 +1,63 @@
+"""MixSD as an EasyEdit method: write mixed targets with the frozen model, then fine-tune on them."""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from mixsd_edit.data.requests import normalize_requests
+from mixsd_edit.methods.mixsd.hparams import MixSDHyperParams
+from mixsd_edit.methods.mixsd.targets import MixedTarget, build_mixed_targets
+from mixsd_edit.prompting import pad_id_of
+from mixsd_edit.training import TrainConfig, TrainReport, train_nll
+from mixsd_edit.weights import EditTransaction, begin_edit, select_parameters
+
+log = logging.getLogger(__name__)
+
+
+def train_config(hp: MixSDHyperParams) -> TrainConfig:
+    return TrainConfig(lr=hp.lr, num_steps=hp.num_steps, train_batch_size=hp.train_batch_size,
+                       weight_decay=hp.weight_decay, adam_beta1=hp.adam_beta1, adam_beta2=hp.adam_beta2,
+                       grad_clip=hp.grad_clip, norm_constraint=hp.norm_constraint,
+                       early_stop_loss=hp.early_stop_loss, seed=hp.seed)
+
+
+def execute_mixsd(model, tok, requests: list[dict], hp: MixSDHyperParams, params: dict, *,
+                  progress: bool = False) -> tuple[list[MixedTarget], TrainReport]:
+    """Targets from the model as it is, then train ``params`` in place (the caller restores on error)."""
+    targets = build_mixed_targets(model, tok, requests, hp, progress=progress)
+    examples = [(t.context_ids, t.target_ids) for t in targets if t.target_ids]
+    report = train_nll(model, params, examples, train_config(hp), pad_id_of(tok), progress=progress)
+    return targets, report
+
+
+def apply_mixsd_to_model(model, tok, requests: list[dict], hparams: MixSDHyperParams, copy: bool = False,
+                         return_orig_weights: bool = False, keep_original_weight: bool = False,
+                         **kwargs: Any):
+    """EasyEdit contract -> (edited model, weights_copy).
+
+    The mixed targets of all requests are written first by the unedited model, then the requests are
+    trained jointly. Only ``prompt``/``target_new``/``subject`` are read; rephrase, locality and
+    portability fields are evaluation data and never reach training. ``weights_copy`` holds the
+    original value of every trainable parameter when ``return_orig_weights`` or
+    ``keep_original_weight`` is set (EasyEdit ignores the latter; we treat it as "I need the
+    originals back"). On any error the model is restored bit-exactly before the error propagates.
+
+    Per-request MixSD metadata (target text, realised naive fraction, attempts, fallback) is
+    appended to the list passed as ``metadata_out`` if given.
+    """
+    if not isinstance(hparams, MixSDHyperParams):
+        raise TypeError(f"apply_mixsd_to_model needs MixSDHyperParams, got {type(hparams).__name__}")
+    requests = normalize_requests(requests)
+    metadata_out = kwargs.get("metadata_out")
+    progress = bool(kwargs.get("progress", False))
+    model = begin_edit(model, copy)
+    params = select_parameters(model, hparams.trainable_params, hparams.layers)  # fails before any work
+    with EditTransaction(model, params) as tx:
+        targets, report = execute_mixsd(model, tok, requests, hparams, params, progress=progress)
+    if metadata_out is not None:
+        for t in targets:
+            meta = t.metadata()
+            meta.update(train_steps=report.steps, train_loss_first=report.first_loss,
+                        train_loss_final=report.final_loss)
+            metadata_out.append(meta)
+    return model, tx.result(return_orig_weights, keep_original_weight)

@@ -1,0 +1,77 @@
+"""MixSD hyperparameters. Every field is required in the YAML; ranges are checked on load."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from mixsd_edit.hparams import HyperParams, HyperParamsError
+
+FALLBACKS = ("forced_prefix", "skip", "error")
+
+
+@dataclass(frozen=True)
+class MixSDHyperParams(HyperParams):
+    ALG_NAME: ClassVar[str] = "MixSD"
+
+    # --- mixed target construction (the frozen base model writes its own training targets)
+    mix_lambda: float          # probability of taking the NAIVE token at each step (0 = pure expert)
+    temperature: float         # 0 = greedy; > 0 = softmax(top-k logp / T) sampling
+    top_k: int                 # k for temperature sampling
+    max_new_tokens: int        # length of the mixed target (answer + the model's own continuation)
+    max_retries: int           # attempts per request before the fallback
+    fallback: str              # forced_prefix | skip | error  (when no attempt starts with target_new)
+    expert_template: str       # expert context; fields {prompt}, {target_new}, {subject}
+    naive_template: str        # naive context (what the model sees in training); field {prompt}
+    use_chat_template: bool    # wrap both contexts in the tokenizer's chat template
+    system_prompt: str | None  # system turn for the chat template (None: the template's default)
+    stop_at_newline: bool      # also stop a target at the first newline (cloze continuations)
+    seed: int                  # target RNG seed (coins and sampling) and batch order
+
+    # --- training: NLL on the mixed targets given the naive context
+    trainable_params: tuple[str, ...]  # fnmatch patterns over parameter names, "{layer}" expanded
+    layers: tuple[int, ...]
+    lr: float
+    num_steps: int
+    train_batch_size: int
+    weight_decay: float
+    adam_beta1: float
+    adam_beta2: float
+    grad_clip: float | None
+    norm_constraint: float | None  # L-inf radius around the original weights (None: unconstrained)
+    early_stop_loss: float | None
+
+    def validate(self) -> None:
+        def bad(field: str, why: str):
+            raise HyperParamsError(f"MixSD hparams: {field} {why}")
+
+        if not 0.0 <= self.mix_lambda <= 1.0:
+            bad("mix_lambda", f"must be in [0, 1] (probability of the naive token), got {self.mix_lambda}")
+        if self.temperature < 0.0:
+            bad("temperature", f"must be >= 0, got {self.temperature}")
+        if self.top_k < 1:
+            bad("top_k", f"must be >= 1, got {self.top_k}")
+        if self.max_new_tokens < 1:
+            bad("max_new_tokens", f"must be >= 1, got {self.max_new_tokens}")
+        if self.max_retries < 1:
+            bad("max_retries", f"must be >= 1, got {self.max_retries}")
+        if self.fallback not in FALLBACKS:
+            bad("fallback", f"must be one of {FALLBACKS}, got '{self.fallback}'")
+        if "{prompt}" not in self.naive_template:
+            bad("naive_template", "must contain {prompt}")
+        if "{target_new}" not in self.expert_template:
+            bad("expert_template", "must contain {target_new} (the expert must see the new fact)")
+        if not 0.0 < self.lr <= 1.0:
+            bad("lr", f"must be in (0, 1], got {self.lr}")
+        if self.num_steps < 0:
+            bad("num_steps", f"must be >= 0, got {self.num_steps}")
+        if self.train_batch_size < 1:
+            bad("train_batch_size", f"must be >= 1, got {self.train_batch_size}")
+        if not self.trainable_params:
+            bad("trainable_params", "must name at least one parameter pattern")
+        if self.norm_constraint is not None and self.norm_constraint <= 0:
+            bad("norm_constraint", f"must be > 0 or null, got {self.norm_constraint}")
+        if self.grad_clip is not None and self.grad_clip <= 0:
+            bad("grad_clip", f"must be > 0 or null, got {self.grad_clip}")
+        for b in ("adam_beta1", "adam_beta2"):
+            if not 0.0 <= getattr(self, b) < 1.0:
+                bad(b, f"must be in [0, 1), got {getattr(self, b)}")
