@@ -53,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _resolve_hparams(args):
     from mixsd_edit.hparams import resolve_hparams_path
-    from mixsd_edit.registry import get_method
+    from mixsd_edit.methods import get_method
 
     method = get_method(args.method)
     path = Path(args.hparams) if args.hparams else resolve_hparams_path(args.method, args.model or DEFAULT_MODEL)

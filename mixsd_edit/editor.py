@@ -24,7 +24,7 @@ from typing import Any, Sequence
 from mixsd_edit.data.requests import normalize_requests, requests_from_keywords
 from mixsd_edit.evaluation.edit_eval import evaluate_requests, summarize
 from mixsd_edit.prompting import PromptFormat
-from mixsd_edit.registry import get_method
+from mixsd_edit.methods import get_method
 from mixsd_edit.weights import merge_weights_copy, restore_weights
 
 log = logging.getLogger(__name__)

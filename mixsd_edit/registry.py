@@ -34,7 +34,7 @@ def register_method(name: str, apply_fn: Callable[..., Any], hparams_cls: type, 
 
 
 def get_method(name: str) -> Method:
-    _load_builtin_methods()
+    """Look a method up. (``mixsd_edit.methods.get_method`` also imports the built-in methods first.)"""
     try:
         return _REGISTRY[name]
     except KeyError:
@@ -42,10 +42,4 @@ def get_method(name: str) -> Method:
 
 
 def registered_methods() -> list[str]:
-    _load_builtin_methods()
     return sorted(_REGISTRY)
-
-
-def _load_builtin_methods() -> None:
-    # Importing the methods package runs each method folder's one-line registration.
-    import mixsd_edit.methods  # noqa: F401
