@@ -18,7 +18,8 @@ setup(
         "safetensors",
     ],
     extras_require={
-        "test": ["pytest"],
+        # the suite covers the benchmark code too (TF-IDF consistency, plots)
+        "test": ["pytest", "scikit-learn", "matplotlib"],
         "bench": ["scikit-learn", "matplotlib"],
     },
     entry_points={"console_scripts": ["mixsd-edit=mixsd_edit.cli:main"]},

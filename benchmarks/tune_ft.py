@@ -1,4 +1,4 @@
-"""Tune the fine-tuning baselines (FT-L, FT-M, SFT) on a few CounterFact cases, single edits.
+"""Tune a fine-tuning style method (MixSD, FT-L, FT-M, SFT) on a few CounterFact cases, single edits.
 
 For each hyperparameter variant (the shipped YAML plus JSON overrides) every case is edited alone,
 scored, and restored:
@@ -72,7 +72,7 @@ def evaluate_variant(model, tok, alg, hp, cases, loc_before, gen_tokens):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True, choices=["smollm2-135m-instruct", "gemma3-270m"])
-    ap.add_argument("--alg", required=True, choices=["FT-L", "FT-M", "SFT"])
+    ap.add_argument("--alg", required=True, choices=["MixSD", "FT-L", "FT-M", "SFT"])
     ap.add_argument("--hparams", help="base YAML (default hparams/<alg>/<model>.yaml)")
     ap.add_argument("--cases", default="500:515", help="slice of counterfact-edit-1k.json, e.g. 500:515")
     ap.add_argument("--grid", default="[{}]", help="JSON list of override dicts, one variant each")

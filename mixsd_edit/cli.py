@@ -48,6 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-generation", action="store_true", help="skip generation-based exact match")
     p.add_argument("--fluency", action="store_true", help="also score n-gram entropy of generated text")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--threads", type=int, default=int(os.environ.get("MIXSD_EDIT_THREADS", "1")),
+                   help="torch CPU threads (default 1, env MIXSD_EDIT_THREADS: on a small shared CPU one "
+                        "thread was several times faster than two for these short sequences)")
     return p
 
 
@@ -95,10 +98,14 @@ def format_summary(summary: dict) -> str:
 
 
 def run_edit(args) -> dict:
+    import torch
+
     from mixsd_edit.data.loaders import load_requests
     from mixsd_edit.editor import BaseEditor
     from mixsd_edit.models import load_model_and_tokenizer
 
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
     hp, hp_path = _resolve_hparams(args)
     requests = load_requests(args.data, n=args.n, start=args.start, fmt=args.format)
     model, tok = load_model_and_tokenizer(args.model or hp.model_name, device=hp.device)

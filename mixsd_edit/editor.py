@@ -12,14 +12,20 @@ What the editor guarantees (where EasyEdit surprises its users):
   * sequential (``sequential_edit=True``): edits accumulate; "post" is scored after the last edit; the
     returned model is edited and ``weights_copy`` holds the original of every changed parameter,
     so ``restore(weights_copy)`` gives back the base model bit-exactly.
-- Invalid requests raise before any model work; the model is never left half edited.
+- Invalid requests raise before any model work; the model is never left half edited (a failure
+  after an apply call, in scoring or in a ``post_hook``, restores the base model before it propagates).
+- ``post_hook(model, batch_requests, case_ids)`` (optional, every public edit call) runs after each
+  apply call while that chunk's edits are applied and before they are restored, so a caller can
+  score the edited model (e.g. ROME's CounterFact probabilities, retention suites) in single/batch
+  modes too. ``case_ids`` are the chunk's positions in the call; in sequential mode the model holds
+  every edit up to this chunk. Its return value is ignored; it must not change the weights.
 - Nothing is seeded, logged to files, or printed at import.
 """
 from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from mixsd_edit.data.requests import normalize_requests, requests_from_keywords
 from mixsd_edit.evaluation.edit_eval import evaluate_requests, summarize
@@ -61,16 +67,16 @@ class BaseEditor:
     # ------------------------------------------------------------------ public API
     def edit(self, prompts, target_new, ground_truth=None, rephrase_prompts=None, locality_inputs=None,
              portability_inputs=None, subject=None, sequential_edit: bool = False, verbose: bool = True,
-             keep_edits: bool = False, **kwargs):
+             keep_edits: bool = False, post_hook=None, **kwargs):
         """One request per apply call. -> (all_metrics, model, weights_copy)."""
         requests = requests_from_keywords(prompts, target_new, ground_truth, subject, rephrase_prompts,
                                           locality_inputs, portability_inputs)
-        return self._run(requests, 1, sequential_edit, keep_edits, verbose, kwargs)
+        return self._run(requests, 1, sequential_edit, keep_edits, verbose, kwargs, post_hook)
 
     def batch_edit(self, prompts=None, target_new=None, ground_truth=None, rephrase_prompts=None,
                    locality_inputs=None, portability_inputs=None, subject=None, sequential_edit: bool = False,
                    verbose: bool = True, keep_edits: bool = False, requests: Sequence[dict] | None = None,
-                   **kwargs):
+                   post_hook=None, **kwargs):
         """Chunks of ``hparams.batch_size`` requests per apply call. Accepts a list of request dicts
         as the first argument (``editor.batch_edit(requests)``) or EasyEdit's keywords."""
         if requests is None and prompts is not None and not isinstance(prompts, str) and prompts \
@@ -88,15 +94,15 @@ class BaseEditor:
         if not self.method.batchable and self.hparams.batch_size > 1:
             raise ValueError(f"method '{self.method.name}' edits one request per call and cannot batch "
                              f"(hparams batch_size={self.hparams.batch_size}); use edit() or sequential_edit()")
-        return self._run(requests, self.hparams.batch_size, sequential_edit, keep_edits, verbose, kwargs)
+        return self._run(requests, self.hparams.batch_size, sequential_edit, keep_edits, verbose, kwargs, post_hook)
 
     def edit_requests(self, requests: Sequence[dict], sequential_edit: bool = False, verbose: bool = True,
-                      keep_edits: bool = False, batch: bool = False, **kwargs):
+                      keep_edits: bool = False, batch: bool = False, post_hook=None, **kwargs):
         """Request dicts, one per apply call (``batch=True``: chunks of ``hparams.batch_size``)."""
         if batch:
             return self.batch_edit(requests=requests, sequential_edit=sequential_edit, verbose=verbose,
-                                   keep_edits=keep_edits, **kwargs)
-        return self._run(normalize_requests(requests), 1, sequential_edit, keep_edits, verbose, kwargs)
+                                   keep_edits=keep_edits, post_hook=post_hook, **kwargs)
+        return self._run(normalize_requests(requests), 1, sequential_edit, keep_edits, verbose, kwargs, post_hook)
 
     def sequential_edit(self, requests: Sequence[dict], batch: bool = False, verbose: bool = True, **kwargs):
         """Apply requests one after another (or chunk after chunk) without restoring in between."""
@@ -112,12 +118,14 @@ class BaseEditor:
                                  generation=self.generation_eval, fluency=self.fluency and pre_records is not None)
 
     def _run(self, requests: list[dict], chunk_size: int, sequential: bool, keep_edits: bool, verbose: bool,
-             apply_kwargs: dict[str, Any]):
+             apply_kwargs: dict[str, Any], post_hook: Callable[[Any, list[dict], list[int]], Any] | None = None):
         chunks = [list(range(s, min(s + chunk_size, len(requests)))) for s in range(0, len(requests), chunk_size)]
         if keep_edits and not sequential and len(chunks) > 1:
             raise ValueError(f"keep_edits=True needs a single chunk when sequential_edit=False "
                              f"({len(requests)} requests in {len(chunks)} chunks); use sequential_edit=True")
         show = self.progress and verbose
+        if self.method.validate_fn is not None:  # method-specific checks: before any work, indices of this call
+            self.method.validate_fn(self.model, self.tok, requests, self.hparams, **apply_kwargs)
         pre = self._evaluate(requests)  # untouched model, every request, before any edit
         post: list[dict | None] = [None] * len(requests)
         metas: list[dict | None] = [None] * len(requests)
@@ -132,24 +140,40 @@ class BaseEditor:
             batch = [requests[i] for i in chunk]
             meta: list[dict] = []
             t0 = time.perf_counter()
-            _, wc = self.method.apply_fn(self.model, self.tok, batch, self.hparams, copy=False,
-                                         return_orig_weights=True, metadata_out=meta, progress=False,
-                                         **apply_kwargs)
+            try:
+                _, wc = self.method.apply_fn(self.model, self.tok, batch, self.hparams, copy=False,
+                                             return_orig_weights=True, metadata_out=meta, progress=False,
+                                             **apply_kwargs)
+            except BaseException:  # the method restored its own chunk; undo the earlier sequential ones
+                restore_weights(self.model, total_copy)
+                raise
             dt = time.perf_counter() - t0
             for j, i in enumerate(chunk):
                 times[i] = dt
                 metas[i] = meta[j] if j < len(meta) else None
             if sequential:
                 total_copy = merge_weights_copy(total_copy, wc)
+            try:
+                if not sequential:
+                    for i, rec in zip(chunk, self._evaluate(batch, [pre[i] for i in chunk])):
+                        post[i] = rec
+                if post_hook is not None:
+                    post_hook(self.model, batch, list(chunk))
+            except BaseException:
+                restore_weights(self.model, total_copy if sequential else wc)
+                raise
+            if sequential:
                 continue
-            for i, rec in zip(chunk, self._evaluate(batch, [pre[i] for i in chunk])):
-                post[i] = rec
             if keep_edits:
                 total_copy = wc
             else:
                 restore_weights(self.model, wc)
         if sequential:
-            post = self._evaluate(requests, pre)
+            try:
+                post = self._evaluate(requests, pre)
+            except BaseException:
+                restore_weights(self.model, total_copy)
+                raise
         records = []
         for i, r in enumerate(requests):
             records.append({

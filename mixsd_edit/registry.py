@@ -4,6 +4,14 @@ A method is an EasyEdit-style apply function plus its hyperparameter dataclass::
 
     apply_fn(model, tok, requests, hparams, copy=False, return_orig_weights=False,
              keep_original_weight=False, **kwargs) -> (model, weights_copy)
+
+and, optionally, the input checks its apply function starts with::
+
+    validate_fn(model, tok, requests, hparams, **kwargs) -> None   # raises; no model work
+
+The editor calls ``validate_fn`` once with every request of a call (``kwargs``: the extra keywords
+it will pass to ``apply_fn``) before it scores anything, so a bad request fails before any work and
+its error names the request's index in the whole call, not in the chunk that reached ``apply_fn``.
 """
 from __future__ import annotations
 
@@ -18,17 +26,19 @@ class Method:
     hparams_cls: type
     batchable: bool = True  # may one apply call take several requests?
     description: str = ""
+    validate_fn: Callable[..., Any] | None = None  # the apply function's input checks, callable alone
 
 
 _REGISTRY: dict[str, Method] = {}
 
 
 def register_method(name: str, apply_fn: Callable[..., Any], hparams_cls: type, *,
-                    batchable: bool = True, description: str = "") -> Method:
+                    batchable: bool = True, description: str = "",
+                    validate_fn: Callable[..., Any] | None = None) -> Method:
     """Register a method under ``name`` (its ``alg_name``). Duplicate names are refused."""
     if name in _REGISTRY:
         raise ValueError(f"method '{name}' is already registered")
-    m = Method(name, apply_fn, hparams_cls, batchable, description)
+    m = Method(name, apply_fn, hparams_cls, batchable, description, validate_fn)
     _REGISTRY[name] = m
     return m
 

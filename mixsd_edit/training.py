@@ -1,20 +1,24 @@
-"""One NLL training loop shared by every fine-tuning style method (MixSD, FT-M, SFT).
+"""One training loop shared by every fine-tuning style method (MixSD, FT-L, FT-M, SFT).
 
-An *example* is ``(context_ids, target_ids)``: the loss is the mean negative log-likelihood of the
-target tokens given the context (context tokens are never scored). Only the given parameters
-train; the rest of the model is frozen for the duration of the call and unfrozen afterwards.
+An *example* is ``(context_ids, target_ids)``. By default the loss is the mean negative
+log-likelihood of the target tokens given the context (context tokens are never scored); a method
+with another objective (FT-L) passes its own ``loss_fn`` and keeps the same optimiser, minibatch
+order, clipping, norm constraint and early stop. Only the given parameters train; the rest of the
+model is frozen for the duration of the call and unfrozen afterwards.
 """
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
 from mixsd_edit.prompting import pad_right
 
 log = logging.getLogger(__name__)
+
+Example = tuple[list[int], list[int]]  # (context_ids, target_ids)
 
 
 @dataclass(frozen=True)
@@ -45,7 +49,7 @@ class TrainReport:
         return self.losses[-1] if self.losses else float("nan")
 
 
-def batch_examples(examples: Sequence[tuple[list[int], list[int]]], pad_id: int):
+def batch_examples(examples: Sequence[Example], pad_id: int):
     """-> input_ids, attention_mask, labels (-100 on context and padding), right padded."""
     seqs = [list(c) + list(t) for c, t in examples]
     ids, mask = pad_right(seqs, pad_id)
@@ -62,9 +66,25 @@ def target_nll(model, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tenso
     return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), tgt.reshape(-1), ignore_index=-100)
 
 
-def train_nll(model, params: dict[str, torch.nn.Parameter], examples: Sequence[tuple[list[int], list[int]]],
-              cfg: TrainConfig, pad_id: int, progress: bool = False) -> TrainReport:
-    """Train ``params`` in place with AdamW on the examples. Deterministic on CPU for a given seed."""
+# loss_fn(model, minibatch of examples, pad_id, device) -> scalar loss to minimise
+LossFn = Callable[[torch.nn.Module, Sequence[Example], int, torch.device], torch.Tensor]
+
+
+def target_nll_loss(model, batch: Sequence[Example], pad_id: int, device) -> torch.Tensor:
+    """The default objective: :func:`target_nll` of the batched examples (context masked)."""
+    ids, mask, labels = batch_examples(batch, pad_id)
+    return target_nll(model, ids.to(device), mask.to(device), labels.to(device))
+
+
+def train_nll(model, params: dict[str, torch.nn.Parameter], examples: Sequence[Example],
+              cfg: TrainConfig, pad_id: int, progress: bool = False, *, loss_fn: LossFn = target_nll_loss,
+              desc: str = "train") -> TrainReport:
+    """Train ``params`` in place with AdamW on the examples. Deterministic on CPU for a given seed.
+
+    Each step draws a minibatch of ``cfg.train_batch_size`` examples (a seeded permutation when
+    there are more examples than that) and minimises ``loss_fn(model, minibatch, pad_id, device)``,
+    ``device`` being that of the trained parameters; ``desc`` labels the progress bar.
+    """
     if not examples:
         return TrainReport(0, [])
     dev = next(iter(params.values())).device
@@ -88,12 +108,10 @@ def train_nll(model, params: dict[str, torch.nn.Parameter], examples: Sequence[t
         if progress:
             from tqdm.auto import tqdm
 
-            steps = tqdm(steps, desc="train", leave=False)
+            steps = tqdm(steps, desc=desc, leave=False)
         for _ in steps:
             order = torch.randperm(n, generator=gen).tolist() if n > bs else list(range(n))
-            batch = [examples[i] for i in order[:bs]]
-            ids, mask, labels = batch_examples(batch, pad_id)
-            loss = target_nll(model, ids.to(dev), mask.to(dev), labels.to(dev))
+            loss = loss_fn(model, [examples[i] for i in order[:bs]], pad_id, dev)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.grad_clip is not None:
@@ -112,5 +130,6 @@ def train_nll(model, params: dict[str, torch.nn.Parameter], examples: Sequence[t
             p.requires_grad_(f)
             p.grad = None
         model.train(was_training)
-    log.debug("trained %d steps, loss %.4f -> %.4f", len(losses), losses[0], losses[-1])
-    return TrainReport(len(losses), losses)
+    report = TrainReport(len(losses), losses)
+    log.debug("trained %d steps, loss %.4f -> %.4f", report.steps, report.first_loss, report.final_loss)
+    return report

@@ -1,9 +1,13 @@
-"""Shared fixtures: a word-level tokenizer, a scripted fake LM, a tiny random Llama, MixSD hparams."""
+"""Shared fixtures: a word-level tokenizer, a scripted fake LM, a tiny random Llama, MixSD hparams,
+a small statistics corpus and a one-thread switch for the tiny-model suites."""
 from __future__ import annotations
 
 import os
+import random
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any, Callable
 
 import pytest
 import torch
@@ -28,6 +32,33 @@ def make_word_tokenizer():
 @pytest.fixture(scope="session")
 def word_tok():
     return make_word_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def tok(word_tok):
+    """The word-level tokenizer under the short name (a test module may define its own ``tok``)."""
+    return word_tok
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models gain nothing from threads, and on a busy shared CPU extra threads only wait.
+    Use with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory):
+    """A small plain-text corpus over the word tokenizer's vocabulary (~2k tokens, blank-line
+    separated lines of random length), for second-moment statistics."""
+    r = random.Random(0)
+    path = tmp_path_factory.mktemp("corpus") / "text.txt"
+    lines = [" ".join(r.choice(WORDS[:40]) for _ in range(r.randint(3, 30))) for _ in range(120)]
+    path.write_text("\n\n".join(lines) + "\n", encoding="utf-8")
+    return path
 
 
 class ScriptedLM(torch.nn.Module):
@@ -90,10 +121,75 @@ def mixsd_hparams(**overrides):
                 fallback="forced_prefix", expert_template="MARK {prompt} {target_new} . {prompt}",
                 naive_template="{prompt}", use_chat_template=False, system_prompt=None, stop_at_newline=False,
                 seed=42, trainable_params=("model.layers.{layer}.mlp.down_proj.weight",), layers=(0, 1),
-                lr=1e-2, num_steps=5, train_batch_size=4, weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.95,
+                lr=1e-2, num_steps=5, min_epochs=0, train_batch_size=4, weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.95,
                 grad_clip=1.0, norm_constraint=None, early_stop_loss=None)
     base.update(overrides)
     return MixSDHyperParams.from_dict(base)
+
+
+# ----------------------------------------------------------------------------- tiny configs per method
+TINY_DEPTH = 3  # layers of the tiny Llama the conformance suite edits (ROME/MEMIT need one above the edit)
+
+
+def locate_hparams(alg: str, corpus, **overrides):
+    """ROME / MEMIT hparams for ``tiny_llama(..., layers=TINY_DEPTH)``: few value steps, two templates,
+    statistics from ``corpus`` (a small text file)."""
+    from mixsd_edit.methods import get_method
+
+    base = dict(alg_name=alg, model_name="tiny", device="cpu", batch_size=1, max_length=64, layers=[1],
+                fact_token="subject_last", context_templates=["{}", "Q w1 . {}"], v_num_grad_steps=3, v_lr=0.5,
+                v_loss_layer=TINY_DEPTH - 1, v_weight_decay=0.5, clamp_norm_factor=4.0, kl_factor=0.0625,
+                mom2_adjustment=True, mom2_update_weight=0.0, mom2_dataset=str(corpus), mom2_n_samples=200,
+                mom2_seq_len=16, rewrite_module_tmp="model.layers.{layer}.mlp.down_proj",
+                layer_module_tmp="model.layers.{layer}", mlp_module_tmp="model.layers.{layer}.mlp")
+    if alg == "ROME":
+        base.update(sequential=False)
+    else:
+        base.update(batch_size=2, layers=[0, 1], mom2_update_weight=10.0)
+    base.update(overrides)
+    return get_method(alg).hparams_cls.from_dict(base)
+
+
+def ft_hparams(alg: str, **overrides):
+    """FT-L / FT-M (one down_proj) and SFT (every parameter) hparams for the tiny models."""
+    from mixsd_edit.methods import get_method
+
+    base = dict(alg_name=alg, model_name="tiny", device="cpu", batch_size=2, max_length=64, use_chat_template=False,
+                system_prompt=None, trainable_params=["model.layers.{layer}.mlp.down_proj.weight"], layers=[1],
+                lr=1e-2, num_steps=2, train_batch_size=4, weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.999,
+                grad_clip=1.0, norm_constraint=None, early_stop_loss=None, seed=0)
+    if alg == "SFT":
+        base.update(trainable_params=["*"], layers=[], lr=1e-3, weight_decay=0.01)
+    base.update(overrides)
+    return get_method(alg).hparams_cls.from_dict(base)
+
+
+@dataclass(frozen=True)
+class TinyMethod:
+    """How the conformance suite (tests/test_conformance.py) runs one registered method.
+
+    build(corpus, **overrides) -> hparams for ``tiny_llama(len(word_tok), layers=TINY_DEPTH)``, fast
+    (a few steps); ``batch_size`` is 2 for batchable methods. ``too_deep``: overrides whose
+    parameter selection names layers the tiny model does not have (must fail with a clear error).
+    ``needs_subject``: requests must carry a ``subject`` occurring in the prompt.
+    """
+
+    build: Callable[..., Any]
+    too_deep: dict = field(default_factory=lambda: {"layers": [TINY_DEPTH + 3]})
+    needs_subject: bool = False
+
+
+TINY_METHODS: dict[str, TinyMethod] = {
+    "MixSD": TinyMethod(lambda corpus, **o: mixsd_hparams(**{"batch_size": 2, "num_steps": 2, "max_retries": 2, **o})),
+    "FT-L": TinyMethod(lambda corpus, **o: ft_hparams("FT-L", **o)),
+    "FT-M": TinyMethod(lambda corpus, **o: ft_hparams("FT-M", **o)),
+    "SFT": TinyMethod(lambda corpus, **o: ft_hparams("SFT", **o),  # "*" has no layers: name a layer pattern
+                      too_deep={"trainable_params": ["model.layers.{layer}.mlp.down_proj.weight"],
+                                "layers": [TINY_DEPTH + 3]}),
+    "ROME": TinyMethod(lambda corpus, **o: locate_hparams("ROME", corpus, **o), needs_subject=True),
+    "MEMIT": TinyMethod(lambda corpus, **o: locate_hparams("MEMIT", corpus, **o),
+                        too_deep={"layers": [0, TINY_DEPTH + 3]}, needs_subject=True),
+}
 
 
 @pytest.fixture
@@ -101,3 +197,4 @@ def shared_data():
     if not SHARED_DATA.is_dir():
         pytest.skip(f"shared data not found at {SHARED_DATA}")
     return SHARED_DATA
+

@@ -184,3 +184,65 @@ def test_lambda_range_and_wrong_hparams_type(word_tok):
         mixsd_hparams(mix_lambda=-0.1)
     with pytest.raises(TypeError):
         apply_mixsd_to_model(tiny_llama(len(word_tok)), word_tok, _requests(1), {"mix_lambda": 0.3})
+
+
+# ----------------------------------------------------------------------------- post_hook
+@pytest.mark.parametrize("mode", ["single", "batch", "sequential"])
+def test_post_hook_sees_each_chunk_while_its_edits_are_applied(editor, mode):
+    base = _state(editor.model)
+    seen = []
+
+    def hook(model, batch, case_ids):
+        assert model is editor.model
+        seen.append((case_ids, [r["target_new"] for r in batch], _same(base, _state(model))))
+
+    reqs = _requests(3)
+    if mode == "single":
+        _, _, wc = editor.edit_requests(reqs, post_hook=hook)
+    elif mode == "batch":  # batch_size 2: chunks [0, 1] and [2]
+        _, _, wc = editor.batch_edit(reqs, post_hook=hook)
+    else:
+        _, _, wc = editor.sequential_edit(reqs, post_hook=hook)
+    chunks = [[0, 1], [2]] if mode == "batch" else [[0], [1], [2]]
+    assert [s[0] for s in seen] == chunks
+    assert [s[1] for s in seen] == [[reqs[i]["target_new"] for i in c] for c in chunks]
+    assert not any(s[2] for s in seen)  # the model differed from the base at every call
+    if mode == "sequential":
+        editor.restore(wc)
+    assert _same(base, _state(editor.model))
+
+
+@pytest.mark.parametrize("sequential", [False, True])
+def test_failing_post_hook_restores_the_base_model(editor, sequential):
+    base = _state(editor.model)
+    calls = []
+
+    def hook(model, batch, case_ids):
+        calls.append(case_ids)
+        if len(calls) == 2:
+            raise RuntimeError("hook failed")
+
+    with pytest.raises(RuntimeError, match="hook failed"):
+        editor.edit_requests(_requests(3), sequential_edit=sequential, post_hook=hook)
+    assert calls == [[0], [1]]
+    assert _same(base, _state(editor.model))  # sequential: the first edit is undone too
+
+
+def test_failure_in_a_later_sequential_chunk_restores_the_earlier_ones(word_tok, monkeypatch):
+    import mixsd_edit.methods.mixsd.apply as apply_mod
+
+    model = tiny_llama(len(word_tok), seed=1)
+    base = _state(model)
+    real, calls = apply_mod.train_nll, []
+
+    def second_fails(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("boom")
+        return real(*a, **k)
+
+    monkeypatch.setattr(apply_mod, "train_nll", second_fails)
+    ed = BaseEditor(model, word_tok, mixsd_hparams(num_steps=2), progress=False)
+    with pytest.raises(RuntimeError, match="boom"):
+        ed.sequential_edit(_requests(3))
+    assert len(calls) == 2 and _same(base, _state(model))

@@ -3,11 +3,10 @@ from __future__ import annotations
 
 import logging
 import math
-import random
 
 import pytest
 import torch
-from conftest import WORDS, make_word_tokenizer, tiny_llama
+from conftest import WORDS, tiny_llama
 
 from mixsd_edit.methods.locate import stats as S
 from mixsd_edit.prompting import pad_id_of, pad_right
@@ -15,28 +14,7 @@ from mixsd_edit.prompting import pad_id_of, pad_right
 MODULES = ["model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"]
 N_TOKENS, SEQ_LEN = 300, 16
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny models gain nothing from threads, and on a busy shared CPU extra threads only wait.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return make_word_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    r = random.Random(0)
-    path = tmp_path_factory.mktemp("corpus") / "text.txt"
-    lines = [" ".join(r.choice(WORDS[:40]) for _ in range(r.randint(3, 30))) for _ in range(120)]
-    path.write_text("\n\n".join(lines) + "\n", encoding="utf-8")
-    return path
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture

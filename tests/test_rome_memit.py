@@ -3,11 +3,9 @@ tensors, request and hparams errors, and the shipped YAMLs. Edit quality on a re
 measured by benchmarks/check_rome_memit.py."""
 from __future__ import annotations
 
-import random
-
 import pytest
 import torch
-from conftest import REPO, WORDS, make_word_tokenizer, tiny_llama
+from conftest import REPO, tiny_llama
 
 from mixsd_edit.data.requests import RequestError
 from mixsd_edit.hparams import HyperParamsError
@@ -27,27 +25,7 @@ REQS = [
     {"prompt": "w11 w12 w13", "subject": "w11", "target_new": "w35", "ground_truth": "w14"},
 ]
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny models gain nothing from threads, and on a busy shared CPU extra threads only wait.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return make_word_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    r = random.Random(1)
-    path = tmp_path_factory.mktemp("corpus") / "text.txt"
-    path.write_text("\n".join(" ".join(r.choice(WORDS) for _ in range(40)) for _ in range(40)), encoding="utf-8")
-    return path
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(autouse=True)

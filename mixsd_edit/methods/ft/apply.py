@@ -18,18 +18,25 @@ from mixsd_edit.weights import EditTransaction, begin_edit, select_parameters
 log = logging.getLogger(__name__)
 
 
-def edit_by_finetuning(model, tok, requests, hparams: FTHyperParams, copy: bool = False,
-                       return_orig_weights: bool = False, keep_original_weight: bool = False,
-                       progress: bool = False):
-    """Fine-tune the selected parameters on all requests jointly (one apply call = one batch of
-    edits) with ``hparams.objective``. Returns ``(model, weights_copy)``."""
+def check_finetuning_inputs(model, tok, requests, hparams: FTHyperParams, **kwargs) -> tuple[list[dict], list]:
+    """Everything FT-L / FT-M / SFT refuse, checked without model work: hparams type, request fields,
+    tokenisation and length (errors name the request index), parameter patterns. Returns the
+    canonical requests and their training examples. The editor calls it on all requests of a call."""
     if not isinstance(hparams, FTHyperParams):
         raise TypeError(f"expected fine-tuning hyperparameters (FTHyperParams), got {type(hparams).__name__}")
     requests = normalize_requests(requests)
     fmt = PromptFormat(hparams.use_chat_template, hparams.system_prompt)
     examples = build_examples(tok, requests, fmt, hparams.max_length)
     select_parameters(model, hparams.trainable_params, hparams.layers)  # bad patterns fail here, untouched
+    return requests, examples
 
+
+def edit_by_finetuning(model, tok, requests, hparams: FTHyperParams, copy: bool = False,
+                       return_orig_weights: bool = False, keep_original_weight: bool = False,
+                       progress: bool = False):
+    """Fine-tune the selected parameters on all requests jointly (one apply call = one batch of
+    edits) with ``hparams.objective``. Returns ``(model, weights_copy)``."""
+    requests, examples = check_finetuning_inputs(model, tok, requests, hparams)
     model = begin_edit(model, copy)
     params = select_parameters(model, hparams.trainable_params, hparams.layers)
     with EditTransaction(model, params) as tx:

@@ -21,11 +21,9 @@ import torch
 
 from mixsd_edit.data.requests import RequestError
 from mixsd_edit.prompting import PromptFormat, pad_right
-from mixsd_edit.training import TrainConfig, TrainReport, train_nll
+from mixsd_edit.training import Example, TrainConfig, TrainReport, train_nll
 
 log = logging.getLogger(__name__)
-
-Example = tuple[list[int], list[int]]
 
 
 def build_examples(tok, requests: Sequence[dict[str, Any]], fmt: PromptFormat, max_length: int) -> list[Example]:
@@ -70,57 +68,16 @@ def prompt_last_nll(model, ids: torch.Tensor, mask: torch.Tensor, last_idx: torc
     return per_request.mean()
 
 
+def prompt_last_loss(model, batch: Sequence[Example], pad_id: int, device) -> torch.Tensor:
+    """:func:`prompt_last_nll` of a minibatch of examples (the ``loss_fn`` of :func:`train_nll`)."""
+    return prompt_last_nll(model, *[t.to(device) for t in batch_prompt_last(batch, pad_id)])
+
+
 def train_prompt_last(model, params: dict[str, torch.nn.Parameter], examples: Sequence[Example],
                       cfg: TrainConfig, pad_id: int, progress: bool = False) -> TrainReport:
-    """The FT-L loop: same optimiser, minibatch order, clamp and early stop as ``train_nll``, with
+    """The FT-L loop: :func:`train_nll` (same optimiser, minibatch order, clamp and early stop) with
     :func:`prompt_last_nll` as the loss. Trains ``params`` in place; deterministic on CPU."""
-    if not examples:
-        return TrainReport(0, [])
-    dev = next(iter(params.values())).device
-    originals = {n: p.detach().clone() for n, p in params.items()} if cfg.norm_constraint is not None else {}
-    all_params = list(model.parameters())
-    saved_flags = [p.requires_grad for p in all_params]
-    for p in all_params:
-        p.requires_grad_(False)
-    for p in params.values():
-        p.requires_grad_(True)
-    was_training = model.training
-    model.eval()  # no dropout: deterministic
-    opt = torch.optim.AdamW(list(params.values()), lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                            weight_decay=cfg.weight_decay)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    n = len(examples)
-    bs = min(cfg.train_batch_size, n)
-    losses: list[float] = []
-    try:
-        steps = range(cfg.num_steps)
-        if progress:
-            from tqdm.auto import tqdm
-
-            steps = tqdm(steps, desc="FT-L", leave=False)
-        for _ in steps:
-            order = torch.randperm(n, generator=gen).tolist() if n > bs else list(range(n))
-            batch = [t.to(dev) for t in batch_prompt_last([examples[i] for i in order[:bs]], pad_id)]
-            loss = prompt_last_nll(model, *batch)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.grad_clip is not None:
-                torch.nn.utils.clip_grad_norm_(list(params.values()), cfg.grad_clip)
-            opt.step()
-            if cfg.norm_constraint is not None:
-                with torch.no_grad():
-                    for name, p in params.items():
-                        o = originals[name]
-                        p.copy_(torch.clamp(p, o - cfg.norm_constraint, o + cfg.norm_constraint))
-            losses.append(float(loss.detach()))
-            if cfg.early_stop_loss is not None and losses[-1] < cfg.early_stop_loss:
-                break
-    finally:
-        for p, f in zip(all_params, saved_flags):
-            p.requires_grad_(f)
-            p.grad = None
-        model.train(was_training)
-    return TrainReport(len(losses), losses)
+    return train_nll(model, params, examples, cfg, pad_id, progress, loss_fn=prompt_last_loss, desc="FT-L")
 
 
 def finetune(model, params: dict[str, torch.nn.Parameter], examples: Sequence[Example], objective: str,

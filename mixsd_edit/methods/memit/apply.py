@@ -1,12 +1,17 @@
 """MEMIT's EasyEdit-style entry point: validate, compute all layer updates, then write them."""
 from __future__ import annotations
 
-from mixsd_edit.data.requests import normalize_requests
-from mixsd_edit.methods.locate.repr import check_subjects
-from mixsd_edit.methods.locate.stats import layer_second_moments, resolve_corpus
-from mixsd_edit.methods.locate.update import add_deltas, check_model
+from mixsd_edit.methods.locate import apply as locate
+from mixsd_edit.methods.locate.update import add_deltas
 from mixsd_edit.methods.memit.core import execute_memit
-from mixsd_edit.weights import EditTransaction, begin_edit, select_parameters
+from mixsd_edit.methods.memit.hparams import MEMITHyperParams
+from mixsd_edit.weights import EditTransaction
+
+
+def check_memit_inputs(model, tok, requests, hparams, stats=None, **kwargs) -> list[dict]:
+    """Everything MEMIT refuses, checked before any work (see ``locate.apply.check_inputs``); returns the
+    canonical requests. The editor calls it on all requests of a call, so indices are the call's."""
+    return locate.check_inputs(model, tok, requests, hparams, MEMITHyperParams, stats)
 
 
 def apply_memit_to_model(model, tok, requests, hparams, copy=False, return_orig_weights=False,
@@ -16,15 +21,8 @@ def apply_memit_to_model(model, tok, requests, hparams, copy=False, return_orig_
     Everything is validated before the model is touched, and a failure restores it bit-exactly.
     ``stats``: optional ``{layer: C}`` (else read from the cache or computed in one corpus pass).
     """
-    requests = normalize_requests(requests)
-    check_subjects(requests)
-    check_model(model, hparams)
-    if hparams.mom2_adjustment and stats is None:
-        resolve_corpus(hparams.mom2_dataset)  # a missing corpus fails before any copy or computation
-    model = begin_edit(model, copy)
-    if hparams.mom2_adjustment and stats is None:
-        stats = layer_second_moments(model, tok, hparams, hparams.layers, progress=progress)
-    params = select_parameters(model, [hparams.rewrite_module_tmp + ".weight"], hparams.layers)
+    requests = check_memit_inputs(model, tok, requests, hparams, stats)
+    model, stats, params = locate.begin(model, tok, hparams, copy=copy, stats=stats, progress=progress)
     with EditTransaction(model, params) as tx:
         deltas = execute_memit(model, tok, requests, hparams, stats=stats, progress=progress)
         add_deltas(model, deltas)

@@ -1,10 +1,10 @@
 """MixSD: Mixed Contextual Self-Distillation (arXiv 2605.16865) as an editing method."""
-from mixsd_edit.methods.mixsd.apply import apply_mixsd_to_model, execute_mixsd
+from mixsd_edit.methods.mixsd.apply import apply_mixsd_to_model, check_mixsd_inputs, execute_mixsd
 from mixsd_edit.methods.mixsd.hparams import MixSDHyperParams
 from mixsd_edit.methods.mixsd.targets import MixedTarget, build_mixed_targets
 from mixsd_edit.registry import register_method
 
-register_method("MixSD", apply_mixsd_to_model, MixSDHyperParams, batchable=True,
+register_method("MixSD", apply_mixsd_to_model, MixSDHyperParams, batchable=True, validate_fn=check_mixsd_inputs,
                 description="mixed expert/naive self-distillation targets + NLL fine-tuning")
 
-__all__ = ["apply_mixsd_to_model", "execute_mixsd", "MixSDHyperParams", "MixedTarget", "build_mixed_targets"]
+__all__ = ["apply_mixsd_to_model", "check_mixsd_inputs", "execute_mixsd", "MixSDHyperParams", "MixedTarget", "build_mixed_targets"]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any
 
 from mixsd_edit.data.requests import normalize_requests
@@ -14,8 +15,14 @@ from mixsd_edit.weights import EditTransaction, begin_edit, select_parameters
 log = logging.getLogger(__name__)
 
 
-def train_config(hp: MixSDHyperParams) -> TrainConfig:
-    return TrainConfig(lr=hp.lr, num_steps=hp.num_steps, train_batch_size=hp.train_batch_size,
+def num_train_steps(hp: MixSDHyperParams, n_examples: int) -> int:
+    """``num_steps``, raised so that a batch of many edits still sees each target ``min_epochs`` times."""
+    bs = max(1, min(hp.train_batch_size, n_examples))
+    return max(hp.num_steps, math.ceil(hp.min_epochs * n_examples / bs)) if n_examples else 0
+
+
+def train_config(hp: MixSDHyperParams, n_examples: int = 1) -> TrainConfig:
+    return TrainConfig(lr=hp.lr, num_steps=num_train_steps(hp, n_examples), train_batch_size=hp.train_batch_size,
                        weight_decay=hp.weight_decay, adam_beta1=hp.adam_beta1, adam_beta2=hp.adam_beta2,
                        grad_clip=hp.grad_clip, norm_constraint=hp.norm_constraint,
                        early_stop_loss=hp.early_stop_loss, seed=hp.seed)
@@ -26,8 +33,19 @@ def execute_mixsd(model, tok, requests: list[dict], hp: MixSDHyperParams, params
     """Targets from the model as it is, then train ``params`` in place (the caller restores on error)."""
     targets = build_mixed_targets(model, tok, requests, hp, progress=progress)
     examples = [(t.context_ids, t.target_ids) for t in targets if t.target_ids]
-    report = train_nll(model, params, examples, train_config(hp), pad_id_of(tok), progress=progress)
+    report = train_nll(model, params, examples, train_config(hp, len(examples)), pad_id_of(tok), progress=progress)
     return targets, report
+
+
+def check_mixsd_inputs(model, tok, requests, hparams: MixSDHyperParams, **kwargs) -> list[dict]:
+    """Everything MixSD refuses, checked without model work: hparams type, request fields (errors
+    name the request index), parameter patterns. Returns the canonical requests. The editor calls it
+    on all requests of a call."""
+    if not isinstance(hparams, MixSDHyperParams):
+        raise TypeError(f"apply_mixsd_to_model needs MixSDHyperParams, got {type(hparams).__name__}")
+    requests = normalize_requests(requests)
+    select_parameters(model, hparams.trainable_params, hparams.layers)
+    return requests
 
 
 def apply_mixsd_to_model(model, tok, requests: list[dict], hparams: MixSDHyperParams, copy: bool = False,
@@ -45,13 +63,11 @@ def apply_mixsd_to_model(model, tok, requests: list[dict], hparams: MixSDHyperPa
     Per-request MixSD metadata (target text, realised naive fraction, attempts, fallback) is
     appended to the list passed as ``metadata_out`` if given.
     """
-    if not isinstance(hparams, MixSDHyperParams):
-        raise TypeError(f"apply_mixsd_to_model needs MixSDHyperParams, got {type(hparams).__name__}")
-    requests = normalize_requests(requests)
+    requests = check_mixsd_inputs(model, tok, requests, hparams)
     metadata_out = kwargs.get("metadata_out")
     progress = bool(kwargs.get("progress", False))
     model = begin_edit(model, copy)
-    params = select_parameters(model, hparams.trainable_params, hparams.layers)  # fails before any work
+    params = select_parameters(model, hparams.trainable_params, hparams.layers)
     with EditTransaction(model, params) as tx:
         targets, report = execute_mixsd(model, tok, requests, hparams, params, progress=progress)
     if metadata_out is not None:

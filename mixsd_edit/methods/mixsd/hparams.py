@@ -31,7 +31,8 @@ class MixSDHyperParams(HyperParams):
     trainable_params: tuple[str, ...]  # fnmatch patterns over parameter names, "{layer}" expanded
     layers: tuple[int, ...]
     lr: float
-    num_steps: int
+    num_steps: int             # optimiser steps for one apply call (at least)
+    min_epochs: float          # ... and at least this many passes over the call's targets (batches of edits)
     train_batch_size: int
     weight_decay: float
     adam_beta1: float
@@ -64,6 +65,8 @@ class MixSDHyperParams(HyperParams):
             bad("lr", f"must be in (0, 1], got {self.lr}")
         if self.num_steps < 0:
             bad("num_steps", f"must be >= 0, got {self.num_steps}")
+        if self.min_epochs < 0:
+            bad("min_epochs", f"must be >= 0, got {self.min_epochs}")
         if self.train_batch_size < 1:
             bad("train_batch_size", f"must be >= 1, got {self.train_batch_size}")
         if not self.trainable_params:

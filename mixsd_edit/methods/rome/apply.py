@@ -3,15 +3,19 @@ from __future__ import annotations
 
 import logging
 
-from mixsd_edit.data.requests import normalize_requests
-from mixsd_edit.methods.locate.compute_v import prepare_inputs
-from mixsd_edit.methods.locate.repr import check_subjects
-from mixsd_edit.methods.locate.stats import layer_second_moments, resolve_corpus
-from mixsd_edit.methods.locate.update import add_deltas, check_model
+from mixsd_edit.methods.locate import apply as locate
+from mixsd_edit.methods.locate.update import add_deltas
 from mixsd_edit.methods.rome.core import execute_rome
-from mixsd_edit.weights import EditTransaction, begin_edit, select_parameters
+from mixsd_edit.methods.rome.hparams import ROMEHyperParams
+from mixsd_edit.weights import EditTransaction
 
 log = logging.getLogger(__name__)
+
+
+def check_rome_inputs(model, tok, requests, hparams, stats=None, **kwargs) -> list[dict]:
+    """Everything ROME refuses, checked before any work (see ``locate.apply.check_inputs``); returns the
+    canonical requests. The editor calls it on all requests of a call, so indices are the call's."""
+    return locate.check_inputs(model, tok, requests, hparams, ROMEHyperParams, stats)
 
 
 def apply_rome_to_model(model, tok, requests, hparams, copy=False, return_orig_weights=False,
@@ -23,20 +27,11 @@ def apply_rome_to_model(model, tok, requests, hparams, copy=False, return_orig_w
     computed on the model that already holds the earlier ones. Everything is validated before the
     model is touched, and a failure restores it bit-exactly. ``stats``: optional ``{layer: C}``.
     """
-    requests = normalize_requests(requests)
-    check_subjects(requests)
+    requests = check_rome_inputs(model, tok, requests, hparams, stats)
     if len(requests) > 1 and not hparams.sequential:
         raise ValueError(f"ROME edits one fact per call but got {len(requests)} requests; pass them one at a "
                          "time, use MEMIT for batches, or set 'sequential: true' to apply them one after another")
-    check_model(model, hparams)
-    for i, request in enumerate(requests):
-        prepare_inputs(tok, request, hparams, i)  # tokenisation errors name the request, before any edit
-    if hparams.mom2_adjustment and stats is None:
-        resolve_corpus(hparams.mom2_dataset)  # a missing corpus fails before any copy or computation
-    model = begin_edit(model, copy)
-    if hparams.mom2_adjustment and stats is None:
-        stats = layer_second_moments(model, tok, hparams, hparams.layers, progress=progress)
-    params = select_parameters(model, [hparams.rewrite_module_tmp + ".weight"], hparams.layers)
+    model, stats, params = locate.begin(model, tok, hparams, copy=copy, stats=stats, progress=progress)
     with EditTransaction(model, params) as tx:
         for i, request in enumerate(requests):
             deltas = execute_rome(model, tok, request, hparams, stats=stats, progress=progress)
