@@ -2,6 +2,8 @@
 
 With no arguments it edits the shipped hand-written CounterFact sample on the offline SmolLM2 with
 MixSD (single edits, restored after each) and prints a summary table.
+
+Benchmarks (methods x data x mode, retention, lambda sweep, plots): ``mixsd-edit bench --help``.
 """
 from __future__ import annotations
 
