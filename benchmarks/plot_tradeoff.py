@@ -11,7 +11,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mixsd_edit.bench.plot import main  # noqa: E402
+from mixsd_edit.cli import bench_plot_main as main  # noqa: E402
 
 if __name__ == "__main__":
     argv = sys.argv[1:]

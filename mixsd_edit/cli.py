@@ -133,12 +133,58 @@ def run_edit(args) -> dict:
     return summary
 
 
+def bench_plot_main(argv: list[str]) -> int:
+    """``mixsd-edit bench plot tradeoff|curve SUMMARY... --out PNG``."""
+    from mixsd_edit.bench.plot import PlotError, build_parser as plot_parser, load_summaries, plot_edit_curve, \
+        plot_tradeoff
+
+    args = plot_parser().parse_args(argv)
+    try:
+        summaries = load_summaries(args.summaries)
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        if args.kind == "tradeoff":
+            info = plot_tradeoff(summaries, args.out, args.efficacy, args.retention, args.swap_axes, args.title)
+        else:
+            info = plot_edit_curve(summaries, args.out, args.efficacy, args.retention, args.title)
+    except (PlotError, FileNotFoundError, json.JSONDecodeError) as e:
+        print(f"mixsd-edit bench plot: error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {info['out']} (efficacy: {info['efficacy']}, retention: {info['retention']})")
+    return 0
+
+
+def bench_main(argv: list[str] | None = None) -> int:
+    """``mixsd-edit bench [run] ...`` and ``mixsd-edit bench plot ...``: parse, run, print the table."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] == "plot":
+        return bench_plot_main(argv[1:])
+    if argv and argv[0] == "run":
+        argv = argv[1:]
+    from mixsd_edit.bench import report
+    from mixsd_edit.bench.runner import BenchError, build_parser as bench_parser, run_bench
+    from mixsd_edit.bench.spec import SpecError
+    from mixsd_edit.data.loaders import DatasetError
+    from mixsd_edit.hparams import HyperParamsError
+
+    args = bench_parser().parse_args(argv)
+    try:
+        summary = run_bench(args, argv)
+    except (SpecError, HyperParamsError, DatasetError, FileNotFoundError, BenchError, KeyError, ValueError) as e:
+        print(f"mixsd-edit bench: error: {e}", file=sys.stderr)
+        return 2
+    print(report.render_table(summary))
+    print(f"wrote {summary['out']}/summary.json, table.md, cases/<label>/ and hparams/<label>.yaml")
+    failed = [r for r in summary["rows"].values() if r.get("status") != "ok"]
+    for r in failed:
+        print(f"{r['label']}: n/a: {r['reason']}", file=sys.stderr)
+    methods = [r for r in summary["rows"].values() if r["kind"] == "method"]
+    return 1 if methods and len(failed) == len(methods) else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if argv and argv[0] == "bench":
-        from mixsd_edit.bench import main as bench_main
-
         return bench_main(argv[1:])
     if argv and argv[0] == "edit":
         argv = argv[1:]

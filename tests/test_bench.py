@@ -18,7 +18,7 @@ import torch
 import yaml
 from conftest import REPO, TINY_DEPTH, TINY_METHODS, tiny_llama
 
-from mixsd_edit.bench import main as bench_main
+from mixsd_edit.cli import bench_main
 from mixsd_edit.bench import plot as bench_plot
 from mixsd_edit.bench.runner import BenchError, build_parser, check_restored, param_digests, plan_run, run_bench
 from mixsd_edit.bench.spec import (SpecError, expand_lambda_sweep, parse_methods, split_top_level)

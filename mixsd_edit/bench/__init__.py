@@ -8,25 +8,8 @@
 
 The runner lives in :mod:`mixsd_edit.bench.runner`, the per-method variants in
 :mod:`mixsd_edit.bench.spec`, aggregation and the Markdown table in :mod:`mixsd_edit.bench.report`,
-the plots (matplotlib, the ``bench`` extra) in :mod:`mixsd_edit.bench.plot`. Nothing else in the
-package imports this one.
+the plots (matplotlib, the ``bench`` extra) in :mod:`mixsd_edit.bench.plot`. The command-line entry
+points (argument parsing, printing) are ``mixsd_edit.cli.bench_main``; nothing else in the package
+imports this one.
 """
 from __future__ import annotations
-
-import sys
-
-
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if argv and argv[0] == "plot":
-        from mixsd_edit.bench.plot import main as plot_main
-
-        return plot_main(argv[1:])
-    if argv and argv[0] == "run":
-        argv = argv[1:]
-    from mixsd_edit.bench.runner import main as run_main
-
-    return run_main(argv)
-
-
-__all__ = ["main"]

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -232,19 +231,3 @@ def build_parser() -> argparse.ArgumentParser:
         if kind == "tradeoff":
             sp.add_argument("--swap-axes", action="store_true", help="efficacy on x, retention on y")
     return p
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
-    try:
-        summaries = load_summaries(args.summaries)
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        if args.kind == "tradeoff":
-            info = plot_tradeoff(summaries, args.out, args.efficacy, args.retention, args.swap_axes, args.title)
-        else:
-            info = plot_edit_curve(summaries, args.out, args.efficacy, args.retention, args.title)
-    except (PlotError, FileNotFoundError, json.JSONDecodeError) as e:
-        print(f"mixsd-edit bench plot: error: {e}", file=sys.stderr)
-        return 2
-    print(f"wrote {info['out']} (efficacy: {info['efficacy']}, retention: {info['retention']})")
-    return 0

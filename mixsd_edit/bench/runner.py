@@ -499,24 +499,3 @@ def run_bench(args, argv: list[str] | None = None, model=None, tok=None) -> dict
         (out / "summary.json").write_text(_json(summary))
         (out / "table.md").write_text(report.render_table(summary))
     return summary
-
-
-def main(argv: list[str] | None = None) -> int:
-    from mixsd_edit.bench.spec import SpecError
-    from mixsd_edit.data.loaders import DatasetError
-    from mixsd_edit.hparams import HyperParamsError
-
-    argv = sys.argv[1:] if argv is None else list(argv)
-    args = build_parser().parse_args(argv)
-    try:
-        summary = run_bench(args, argv)
-    except (SpecError, HyperParamsError, DatasetError, FileNotFoundError, BenchError, KeyError, ValueError) as e:
-        print(f"mixsd-edit bench: error: {e}", file=sys.stderr)
-        return 2
-    print(report.render_table(summary))
-    print(f"wrote {summary['out']}/summary.json, table.md, cases/<label>/ and hparams/<label>.yaml")
-    failed = [r for r in summary["rows"].values() if r.get("status") != "ok"]
-    for r in failed:
-        print(f"{r['label']}: n/a: {r['reason']}", file=sys.stderr)
-    methods = [r for r in summary["rows"].values() if r["kind"] == "method"]
-    return 1 if methods and len(failed) == len(methods) else 0
