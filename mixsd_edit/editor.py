@@ -130,50 +130,38 @@ class BaseEditor:
         post: list[dict | None] = [None] * len(requests)
         metas: list[dict | None] = [None] * len(requests)
         times: list[float] = [0.0] * len(requests)
-        total_copy: dict = {}
+        held: dict = {}  # restores every edit the model holds right now
         it = chunks
         if show:
             from tqdm.auto import tqdm
 
             it = tqdm(chunks, desc=f"{self.method.name} edits", unit="edit" if chunk_size == 1 else "batch")
-        for chunk in it:
-            batch = [requests[i] for i in chunk]
-            meta: list[dict] = []
-            t0 = time.perf_counter()
-            try:
+        try:  # any failure (the method restores its own chunk) leaves the base model behind
+            for chunk in it:
+                batch = [requests[i] for i in chunk]
+                meta: list[dict] = []
+                t0 = time.perf_counter()
                 _, wc = self.method.apply_fn(self.model, self.tok, batch, self.hparams, copy=False,
                                              return_orig_weights=True, metadata_out=meta, progress=False,
                                              **apply_kwargs)
-            except BaseException:  # the method restored its own chunk; undo the earlier sequential ones
-                restore_weights(self.model, total_copy)
-                raise
-            dt = time.perf_counter() - t0
-            for j, i in enumerate(chunk):
-                times[i] = dt
-                metas[i] = meta[j] if j < len(meta) else None
-            if sequential:
-                total_copy = merge_weights_copy(total_copy, wc)
-            try:
+                held = merge_weights_copy(held, wc)
+                dt = time.perf_counter() - t0
+                for j, i in enumerate(chunk):
+                    times[i] = dt
+                    metas[i] = meta[j] if j < len(meta) else None
                 if not sequential:
                     for i, rec in zip(chunk, self._evaluate(batch, [pre[i] for i in chunk])):
                         post[i] = rec
                 if post_hook is not None:
                     post_hook(self.model, batch, list(chunk))
-            except BaseException:
-                restore_weights(self.model, total_copy if sequential else wc)
-                raise
+                if not sequential and not keep_edits:
+                    restore_weights(self.model, held)
+                    held = {}
             if sequential:
-                continue
-            if keep_edits:
-                total_copy = wc
-            else:
-                restore_weights(self.model, wc)
-        if sequential:
-            try:
                 post = self._evaluate(requests, pre)
-            except BaseException:
-                restore_weights(self.model, total_copy)
-                raise
+        except BaseException:
+            restore_weights(self.model, held)
+            raise
         records = []
         for i, r in enumerate(requests):
             records.append({
@@ -193,7 +181,7 @@ class BaseEditor:
                                  "batch" if chunk_size > 1 else "single"), model_state=state)
         if verbose:
             log.info("%s: %d requests, model %s", self.method.name, len(requests), state)
-        return records, self.model, total_copy
+        return records, self.model, held
 
 
 # EasyEdit's names for the same class.
