@@ -7,6 +7,8 @@ from typing import Any
 
 from mixsd_edit.data.requests import normalize_requests
 from mixsd_edit.methods.mixsd.hparams import MixSDHyperParams
+from mixsd_edit.methods.mixsd.key_delta import (KeyDirectedDelta, key_directions, subject_key_positions,
+                                                subject_keys)
 from mixsd_edit.methods.mixsd.targets import MixedTarget, build_mixed_targets
 from mixsd_edit.prompting import pad_id_of
 from mixsd_edit.training import TrainConfig, TrainReport, train_nll
@@ -33,8 +35,28 @@ def execute_mixsd(model, tok, requests: list[dict], hp: MixSDHyperParams, params
     """Targets from the model as it is, then train ``params`` in place (the caller restores on error)."""
     targets = build_mixed_targets(model, tok, requests, hp, progress=progress)
     examples = [(t.context_ids, t.target_ids) for t in targets if t.target_ids]
-    report = train_nll(model, params, examples, train_config(hp, len(examples)), pad_id_of(tok), progress=progress)
+    cfg = train_config(hp, len(examples))
+    if hp.delta == "full":
+        return targets, train_nll(model, params, examples, cfg, pad_id_of(tok), progress=progress)
+    # key_rank_one: train one vector per request and matrix, then write U Vᵀ into the weights
+    modules = [n[: -len(".weight")] for n in params]
+    keys = subject_keys(model, tok, requests, hp, modules)
+    covs = key_covariances(model, tok, hp, modules)
+    delta = KeyDirectedDelta(model, {m: key_directions(keys[m], covs.get(m)) for m in modules})
+    with delta.attached():
+        report = train_nll(model, delta.params, examples, cfg, pad_id_of(tok), progress=progress)
+    delta.write_into_weights()
     return targets, report
+
+
+def key_covariances(model, tok, hp: MixSDHyperParams, modules: list[str]) -> dict:
+    """``{module: C}`` from ``key_stats_dataset`` (cached on disk like ROME's), or ``{}`` (identity)."""
+    if hp.key_stats_dataset is None:
+        return {}
+    from mixsd_edit.methods.locate.stats import second_moments
+
+    return second_moments(model, tok, modules, hp.key_stats_dataset, hp.key_stats_n_tokens, hp.key_stats_seq_len,
+                          progress=False)
 
 
 def check_mixsd_inputs(model, tok, requests, hparams: MixSDHyperParams, **kwargs) -> list[dict]:
@@ -44,7 +66,12 @@ def check_mixsd_inputs(model, tok, requests, hparams: MixSDHyperParams, **kwargs
     if not isinstance(hparams, MixSDHyperParams):
         raise TypeError(f"apply_mixsd_to_model needs MixSDHyperParams, got {type(hparams).__name__}")
     requests = normalize_requests(requests)
-    select_parameters(model, hparams.trainable_params, hparams.layers)
+    params = select_parameters(model, hparams.trainable_params, hparams.layers)
+    if hparams.delta == "key_rank_one":
+        for name, p in params.items():
+            if not name.endswith(".weight") or p.dim() != 2:
+                raise ValueError(f"MixSD delta 'key_rank_one' trains Linear weights only; trainable_params matched {name!r}")
+        subject_key_positions(tok, requests, hparams)
     return requests
 
 

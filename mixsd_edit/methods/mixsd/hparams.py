@@ -7,6 +7,7 @@ from typing import ClassVar
 from mixsd_edit.hparams import HyperParams, HyperParamsError
 
 FALLBACKS = ("forced_prefix", "skip", "error")
+DELTAS = ("full", "key_rank_one")
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,12 @@ class MixSDHyperParams(HyperParams):
     grad_clip: float | None
     norm_constraint: float | None  # L-inf radius around the original weights (None: unconstrained)
     early_stop_loss: float | None
+    # --- what may change (methods/mixsd/key_delta.py): "full" = the matrices matched above (the
+    # paper's fine-tuning); "key_rank_one" = one trained vector per request and matrix along C⁻¹k_subject
+    delta: str
+    key_stats_dataset: str | None  # corpus for C = E[k kᵀ] (key_rank_one); null = identity C
+    key_stats_n_tokens: int
+    key_stats_seq_len: int
 
     def validate(self) -> None:
         def bad(field: str, why: str):
@@ -75,6 +82,10 @@ class MixSDHyperParams(HyperParams):
             bad("norm_constraint", f"must be > 0 or null, got {self.norm_constraint}")
         if self.grad_clip is not None and self.grad_clip <= 0:
             bad("grad_clip", f"must be > 0 or null, got {self.grad_clip}")
+        if self.delta not in DELTAS:
+            bad("delta", f"must be one of {DELTAS}, got '{self.delta}'")
+        if self.key_stats_n_tokens < 1 or self.key_stats_seq_len < 2:
+            bad("key_stats_n_tokens", "must be >= 1 and key_stats_seq_len >= 2")
         for b in ("adam_beta1", "adam_beta2"):
             if not 0.0 <= getattr(self, b) < 1.0:
                 bad(b, f"must be in [0, 1), got {getattr(self, b)}")

@@ -1,0 +1,114 @@
+"""Key-directed weight change for MixSD (hparam ``delta: key_rank_one``).
+
+With ``delta: full`` MixSD fine-tunes whole matrices, and a change ``ΔW`` of a projection acts on
+every input ``k`` the layer ever sees — which is how a single CounterFact edit ends up changing the
+answers for neighbouring subjects (low locality). ``key_rank_one`` keeps MixSD's targets and NLL
+objective but restricts what can change, the way locate-then-edit methods do: for each trained
+Linear ``W`` (``out × in``) and request ``i``, ``ΔW = Σᵢ uᵢ vᵢᵀ`` where
+
+- ``kᵢ`` is the layer's input at the last token of the request's subject, in the naive context the
+  model is trained on;
+- ``vᵢ = C⁻¹ kᵢ / (kᵢᵀ C⁻¹ kᵢ)`` is fixed (``C = E[k kᵀ]`` on a text corpus, the second moments
+  ROME/MEMIT use, or the identity when ``key_stats_dataset`` is null), so ``vᵢᵀ kᵢ = 1`` while
+  ``vᵢᵀ k`` is small for keys that are typical of ordinary text;
+- only the ``uᵢ`` (``out``-vectors, starting at zero) are trained, by the same loop, loss and
+  optimiser as ``full``.
+
+During training the change is applied by forward hooks (``y = W k + U (Vᵀ k)``); afterwards it is
+written into ``W`` once. The caller's :class:`~mixsd_edit.weights.EditTransaction` holds ``W``'s
+original value, so restore stays bit-exact.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator, Mapping, Sequence
+
+import torch
+
+from mixsd_edit.data.requests import RequestError
+from mixsd_edit.prompting import PromptFormat, pad_id_of
+
+
+def subject_key_positions(tok, requests: Sequence[dict], hp) -> tuple[list[list[int]], list[int]]:
+    """-> (naive context ids, position of the subject's last token) per request. The ids equal those
+    MixSD trains on (``PromptFormat.context_ids``). Errors name the request."""
+    fmt = PromptFormat(hp.use_chat_template, hp.system_prompt)
+    seqs, positions = [], []
+    for i, r in enumerate(requests):
+        subject = r.get("subject")
+        if not subject:
+            raise RequestError(f"request {i}: field 'subject' is missing (MixSD with delta 'key_rank_one' needs it)")
+        naive = hp.naive_template.format(prompt=r["prompt"], target_new=r["target_new"], subject=subject)
+        text = fmt.context(tok, naive)
+        start = text.rfind(subject)
+        if start < 0:
+            raise RequestError(f"request {i}: subject {subject!r} does not occur in the naive context {naive!r}")
+        end = start + len(subject)
+        if not getattr(tok, "is_fast", False):
+            raise RequestError("delta 'key_rank_one' needs a fast tokenizer (character offsets)")
+        enc = tok(text, add_special_tokens=not hp.use_chat_template, return_offsets_mapping=True)
+        hits = [j for j, (a, b) in enumerate(enc["offset_mapping"]) if b > a and a < end and b > start]
+        if not hits:
+            raise RequestError(f"request {i}: no token covers the subject {subject!r}")
+        seqs.append(list(enc["input_ids"]))
+        positions.append(hits[-1])
+    return seqs, positions
+
+
+@torch.no_grad()
+def subject_keys(model, tok, requests: Sequence[dict], hp, modules: Sequence[str]) -> dict[str, torch.Tensor]:
+    """``{module: [n_requests, in]}`` float32 inputs of each module at each request's subject token."""
+    from mixsd_edit.methods.locate.repr import capture_at_positions
+
+    seqs, positions = subject_key_positions(tok, requests, hp)
+    got = capture_at_positions(model, seqs, positions, pad_id_of(tok), inputs_of=list(modules))
+    return {m: got[("in", m)] for m in modules}
+
+
+def key_directions(keys: torch.Tensor, cov: torch.Tensor | None) -> torch.Tensor:
+    """``V`` [in, n] with column ``i`` = ``C⁻¹ kᵢ / (kᵢᵀ C⁻¹ kᵢ)`` (``C`` = identity when None)."""
+    K = keys.double()
+    CK = torch.linalg.solve(cov.to(K.device, torch.float64), K.T) if cov is not None else K.T  # [in, n]
+    return (CK / (K * CK.T).sum(-1).clamp(min=1e-12)).float()
+
+
+class KeyDirectedDelta:
+    """Trainable ``U`` [out, n] per module with fixed ``V`` [in, n]; ``ΔW = U Vᵀ``."""
+
+    def __init__(self, model, directions: Mapping[str, torch.Tensor]):
+        from mixsd_edit.methods.locate.repr import module_by_name
+
+        self.modules = {m: module_by_name(model, m) for m in directions}
+        self.V = {}
+        self.U: dict[str, torch.nn.Parameter] = {}
+        for m, V in directions.items():
+            W = self.modules[m].weight
+            if V.shape[0] != W.shape[1]:
+                raise ValueError(f"{m}: key size {V.shape[0]} != input size {W.shape[1]}")
+            self.V[m] = V.to(W.device)
+            self.U[m] = torch.nn.Parameter(torch.zeros(W.shape[0], V.shape[1], device=W.device))
+
+    @property
+    def params(self) -> dict[str, torch.nn.Parameter]:
+        return {f"{m}.delta_U": u for m, u in self.U.items()}
+
+    @contextmanager
+    def attached(self) -> Iterator[None]:
+        def make_hook(m):
+            def hook(module, args, output):
+                k = args[0]
+                return output + ((k.float() @ self.V[m]) @ self.U[m].T).to(output.dtype)
+            return hook
+
+        handles = [mod.register_forward_hook(make_hook(m)) for m, mod in self.modules.items()]
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+
+    @torch.no_grad()
+    def write_into_weights(self) -> None:
+        for m, mod in self.modules.items():
+            W = mod.weight
+            W.add_((self.U[m].detach() @ self.V[m].T).to(W.dtype))

@@ -1,0 +1,105 @@
+"""MixSD with ``delta: key_rank_one`` (methods/mixsd/key_delta.py) on a tiny random Llama."""
+import pytest
+import torch
+
+from conftest import mixsd_hparams, tiny_llama
+from mixsd_edit.data.requests import RequestError, normalize_requests
+from mixsd_edit.methods.mixsd import apply_mixsd_to_model
+from mixsd_edit.methods.mixsd.key_delta import (KeyDirectedDelta, key_directions, subject_key_positions,
+                                                subject_keys)
+from mixsd_edit.weights import restore_weights
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+DOWN = "model.layers.{}.mlp.down_proj"
+
+
+def _reqs():
+    return normalize_requests([{"prompt": "Q w3 w4", "target_new": "w30", "subject": "w3"},
+                               {"prompt": "A w7 Q", "target_new": "w11 w12", "subject": "w7"}])
+
+
+def test_subject_key_positions_point_at_the_subjects_last_token(word_tok):
+    hp = mixsd_hparams(delta="key_rank_one")
+    seqs, pos = subject_key_positions(word_tok, _reqs(), hp)
+    assert [word_tok.convert_ids_to_tokens(s[p]) for s, p in zip(seqs, pos)] == ["w3", "w7"]
+
+
+@pytest.mark.parametrize("req, field", [({"prompt": "Q w3", "target_new": "w1"}, "subject"),
+                                        ({"prompt": "Q w3", "target_new": "w1", "subject": "w9"}, "w9")])
+def test_missing_or_absent_subject_is_an_error_naming_the_request(word_tok, req, field):
+    model = tiny_llama(len(word_tok))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    reqs = [{"prompt": "Q w2", "target_new": "w5", "subject": "w2"}, req]
+    with pytest.raises(RequestError, match=rf"request 1: .*{field}"):
+        apply_mixsd_to_model(model, word_tok, reqs, mixsd_hparams(delta="key_rank_one"))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_key_directions_are_dual_to_their_keys():
+    torch.manual_seed(0)
+    K = torch.randn(3, 16)
+    A = torch.randn(16, 16)
+    C = A @ A.T / 16 + torch.eye(16)
+    for cov in (None, C):
+        V = key_directions(K, cov)
+        assert torch.allclose((K @ V).diagonal(), torch.ones(3), atol=1e-5)
+    # with C: V's columns are C⁻¹k scaled, so C V ∝ K
+    V = key_directions(K, C)
+    ratio = (C.double() @ V.double()).T / K.double()
+    assert torch.allclose(ratio, ratio[:, :1].expand_as(ratio), rtol=1e-4)
+
+
+def test_hooked_delta_equals_the_written_weights(word_tok):
+    model = tiny_llama(len(word_tok), seed=1)
+    reqs = _reqs()
+    hp = mixsd_hparams(delta="key_rank_one")
+    mods = [DOWN.format(0), DOWN.format(1)]
+    keys = subject_keys(model, word_tok, reqs, hp, mods)
+    delta = KeyDirectedDelta(model, {m: key_directions(keys[m], None) for m in mods})
+    with torch.no_grad():
+        for u in delta.U.values():
+            u.normal_()
+    ids = torch.tensor([word_tok("Q w3 w4 w30 w5")["input_ids"]])
+    with torch.no_grad(), delta.attached():
+        hooked = model(input_ids=ids).logits
+    plain = model(input_ids=ids).logits
+    delta.write_into_weights()
+    with torch.no_grad():
+        written = model(input_ids=ids).logits
+    assert not torch.allclose(hooked, plain)
+    assert torch.allclose(hooked, written, atol=1e-4)
+
+
+def test_key_rank_one_edit_learns_changes_only_the_trained_matrices_by_rank_n_and_restores(word_tok):
+    model = tiny_llama(len(word_tok), seed=2)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    hp = mixsd_hparams(delta="key_rank_one", lr=0.1, num_steps=30, layers=(0, 1))
+    meta = []
+    model, wc = apply_mixsd_to_model(model, word_tok, _reqs(), hp, return_orig_weights=True, metadata_out=meta)
+    after = model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed == {DOWN.format(0) + ".weight", DOWN.format(1) + ".weight"}
+    for k in changed:
+        assert torch.linalg.matrix_rank((after[k] - before[k]).double(), atol=1e-6) <= 2
+    assert meta[0]["train_loss_final"] < meta[0]["train_loss_first"]
+    # deterministic: the same call on a fresh copy gives bit-identical weights
+    again = tiny_llama(len(word_tok), seed=2)
+    again, _ = apply_mixsd_to_model(again, word_tok, _reqs(), hp)
+    assert all(torch.equal(after[k], again.state_dict()[k]) for k in changed)
+    restore_weights(model, wc)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(not getattr(m, "_forward_hooks", {}) for m in model.modules())
+
+
+def test_key_rank_one_rejects_non_linear_parameters(word_tok):
+    model = tiny_llama(len(word_tok))
+    hp = mixsd_hparams(delta="key_rank_one", trainable_params=("model.layers.{layer}.input_layernorm.weight",))
+    with pytest.raises(ValueError, match="Linear weights only"):
+        apply_mixsd_to_model(model, word_tok, _reqs(), hp)
+
+
+def test_delta_value_is_checked():
+    from mixsd_edit.hparams import HyperParamsError
+
+    with pytest.raises(HyperParamsError, match="delta"):
+        mixsd_hparams(delta="lowrank")
