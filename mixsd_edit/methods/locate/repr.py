@@ -51,11 +51,13 @@ def fill_template(template: str, prompt: str, subject: str | None) -> tuple[str,
     return text, (start, start + len(subject))
 
 
-def encode_with_lookup(tok, text: str, span: tuple[int, int] | None, fact_token: str) -> tuple[list[int], int]:
-    """Token ids of ``text`` (special tokens as the tokenizer adds them, like ``PromptFormat``) and
+def encode_with_lookup(tok, text: str, span: tuple[int, int] | None, fact_token: str, *,
+                       add_special_tokens: bool = True) -> tuple[list[int], int]:
+    """Token ids of ``text`` (special tokens as the tokenizer adds them, like ``PromptFormat``; pass
+    ``add_special_tokens=False`` for text that already carries them, e.g. a rendered chat template) and
     the lookup position: the last token overlapping ``span`` (``subject_last``) or the last token."""
     if fact_token == "last":
-        ids = tok(text, add_special_tokens=True)["input_ids"]
+        ids = tok(text, add_special_tokens=add_special_tokens)["input_ids"]
         return ids, len(ids) - 1
     if fact_token != "subject_last":
         raise ValueError(f"fact_token '{fact_token}' is not one of {FACT_TOKENS}")
@@ -63,15 +65,15 @@ def encode_with_lookup(tok, text: str, span: tuple[int, int] | None, fact_token:
         raise ValueError("fact_token 'subject_last' needs the subject's position")
     start, end = span
     if getattr(tok, "is_fast", False):
-        enc = tok(text, add_special_tokens=True, return_offsets_mapping=True)
+        enc = tok(text, add_special_tokens=add_special_tokens, return_offsets_mapping=True)
         ids, offsets = enc["input_ids"], enc["offset_mapping"]
         hits = [i for i, (a, b) in enumerate(offsets) if b > a and a < end and b > start]
         if not hits:
             raise ValueError(f"no token covers the subject in {text!r}")
         return ids, hits[-1]
     # Slow tokenizers have no offsets: the subject ends where the tokenized prefix ends.
-    ids = tok(text, add_special_tokens=True)["input_ids"]
-    head = tok(text[:end], add_special_tokens=True)["input_ids"]
+    ids = tok(text, add_special_tokens=add_special_tokens)["input_ids"]
+    head = tok(text[:end], add_special_tokens=add_special_tokens)["input_ids"]
     if ids[: len(head)] != head:
         raise ValueError(f"cannot locate the subject's last token in {text!r} (tokenization not prefix-stable)")
     return ids, len(head) - 1

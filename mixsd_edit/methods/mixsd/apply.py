@@ -6,6 +6,7 @@ import math
 from typing import Any
 
 from mixsd_edit.data.requests import normalize_requests
+from mixsd_edit.methods.locate.stats import second_moments
 from mixsd_edit.methods.mixsd.hparams import MixSDHyperParams
 from mixsd_edit.methods.mixsd.key_delta import (KeyDirectedDelta, key_directions, subject_key_positions,
                                                 subject_keys)
@@ -53,8 +54,6 @@ def key_covariances(model, tok, hp: MixSDHyperParams, modules: list[str]) -> dic
     """``{module: C}`` from ``key_stats_dataset`` (cached on disk like ROME's), or ``{}`` (identity)."""
     if hp.key_stats_dataset is None:
         return {}
-    from mixsd_edit.methods.locate.stats import second_moments
-
     return second_moments(model, tok, modules, hp.key_stats_dataset, hp.key_stats_n_tokens, hp.key_stats_seq_len,
                           progress=False)
 

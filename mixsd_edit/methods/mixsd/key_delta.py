@@ -26,6 +26,7 @@ from typing import Iterator, Mapping, Sequence
 import torch
 
 from mixsd_edit.data.requests import RequestError
+from mixsd_edit.methods.locate.repr import capture_at_positions, encode_with_lookup, module_by_name
 from mixsd_edit.prompting import PromptFormat, pad_id_of
 
 
@@ -43,23 +44,19 @@ def subject_key_positions(tok, requests: Sequence[dict], hp) -> tuple[list[list[
         start = text.rfind(subject)
         if start < 0:
             raise RequestError(f"request {i}: subject {subject!r} does not occur in the naive context {naive!r}")
-        end = start + len(subject)
-        if not getattr(tok, "is_fast", False):
-            raise RequestError("delta 'key_rank_one' needs a fast tokenizer (character offsets)")
-        enc = tok(text, add_special_tokens=not hp.use_chat_template, return_offsets_mapping=True)
-        hits = [j for j, (a, b) in enumerate(enc["offset_mapping"]) if b > a and a < end and b > start]
-        if not hits:
-            raise RequestError(f"request {i}: no token covers the subject {subject!r}")
-        seqs.append(list(enc["input_ids"]))
-        positions.append(hits[-1])
+        try:
+            ids, pos = encode_with_lookup(tok, text, (start, start + len(subject)), "subject_last",
+                                          add_special_tokens=not hp.use_chat_template)
+        except ValueError as exc:
+            raise RequestError(f"request {i}: {exc}") from None
+        seqs.append(ids)
+        positions.append(pos)
     return seqs, positions
 
 
 @torch.no_grad()
 def subject_keys(model, tok, requests: Sequence[dict], hp, modules: Sequence[str]) -> dict[str, torch.Tensor]:
     """``{module: [n_requests, in]}`` float32 inputs of each module at each request's subject token."""
-    from mixsd_edit.methods.locate.repr import capture_at_positions
-
     seqs, positions = subject_key_positions(tok, requests, hp)
     got = capture_at_positions(model, seqs, positions, pad_id_of(tok), inputs_of=list(modules))
     return {m: got[("in", m)] for m in modules}
@@ -76,8 +73,6 @@ class KeyDirectedDelta:
     """Trainable ``U`` [out, n] per module with fixed ``V`` [in, n]; ``ΔW = U Vᵀ``."""
 
     def __init__(self, model, directions: Mapping[str, torch.Tensor]):
-        from mixsd_edit.methods.locate.repr import module_by_name
-
         self.modules = {m: module_by_name(model, m) for m in directions}
         self.V = {}
         self.U: dict[str, torch.nn.Parameter] = {}
