@@ -103,3 +103,30 @@ def test_delta_value_is_checked():
 
     with pytest.raises(HyperParamsError, match="delta"):
         mixsd_hparams(delta="lowrank")
+
+
+def test_missing_key_stats_corpus_fails_before_any_model_work(word_tok, tmp_path):
+    from mixsd_edit.methods.locate.stats import StatsError
+
+    model = tiny_llama(len(word_tok))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    hp = mixsd_hparams(delta="key_rank_one", key_stats_dataset=str(tmp_path / "nope.txt"))
+    with pytest.raises(StatsError, match="nope.txt"):
+        apply_mixsd_to_model(model, word_tok, _reqs(), hp)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_model_sampled_key_statistics_whiten_the_directions(word_tok, tmp_path, monkeypatch):
+    """``key_stats_dataset: model_samples`` needs no corpus: the edit runs, is deterministic, and its
+    directions differ from the identity-C ones."""
+    monkeypatch.setenv("MIXSD_EDIT_CACHE", str(tmp_path / "cache"))
+    runs = []
+    for stats in ("model_samples", "model_samples", None):
+        model = tiny_llama(len(word_tok))
+        hp = mixsd_hparams(delta="key_rank_one", key_stats_dataset=stats, key_stats_n_tokens=400,
+                           key_stats_seq_len=16, num_steps=3)
+        _, wc = apply_mixsd_to_model(model, word_tok, _reqs(), hp, return_orig_weights=True)
+        runs.append({k: model.get_parameter(k).detach().clone() for k in wc})
+    assert list((tmp_path / "cache" / "corpora").glob("model-samples-*.txt"))
+    assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
+    assert any(not torch.allclose(runs[0][k], runs[2][k]) for k in runs[0])

@@ -15,7 +15,7 @@ import torch
 from mixsd_edit.data.requests import normalize_requests
 from mixsd_edit.methods.locate.compute_v import prepare_inputs
 from mixsd_edit.methods.locate.repr import check_subjects
-from mixsd_edit.methods.locate.stats import layer_second_moments, resolve_corpus
+from mixsd_edit.methods.locate.stats import check_corpus, layer_second_moments
 from mixsd_edit.methods.locate.update import check_model
 from mixsd_edit.weights import begin_edit, select_parameters
 
@@ -34,7 +34,7 @@ def check_inputs(model, tok, requests, hparams, hparams_cls: type, stats: Mappin
     for i, request in enumerate(requests):
         prepare_inputs(tok, request, hparams, i)  # tokenisation and length errors name the request
     if hparams.mom2_adjustment and stats is None:
-        resolve_corpus(hparams.mom2_dataset)  # a missing corpus fails before any copy or computation
+        check_corpus(hparams.mom2_dataset)  # a missing corpus fails before any copy or computation
     return requests
 
 

@@ -1,7 +1,8 @@
 """Second moments C = E[k kᵀ] of the keys (inputs of the rewrite module) at given layers.
 
 ROME whitens its update with C⁻¹ and MEMIT regularises its least squares with λ·C, so both need C
-for every edited layer. It is estimated from a plain-text corpus (a path) and cached on disk:
+for every edited layer. It is estimated from a plain-text corpus (a path, or ``model_samples``: text the model samples
+itself, see ``sampled_corpus.py``) and cached on disk:
 
 - one streamed pass over the corpus collects every layer still missing from the cache (the forward
   pass stops after the deepest of them); only the d×d float64 sums are kept, never the keys;
@@ -30,7 +31,9 @@ from pathlib import Path
 
 import torch
 
+from mixsd_edit.methods.locate.identity import model_identity, tokenizer_identity
 from mixsd_edit.methods.locate.repr import StopForward, module_by_name
+from mixsd_edit.methods.locate.sampled_corpus import MODEL_SAMPLES, sampled_corpus
 from mixsd_edit.models import default_cache_root
 
 log = logging.getLogger(__name__)
@@ -39,6 +42,12 @@ FORMAT_VERSION = 1
 
 class StatsError(ValueError):
     """The statistics cannot be computed (missing corpus, unknown module...)."""
+
+
+def check_corpus(path: str | os.PathLike) -> None:
+    """Raise :class:`StatsError` now if ``path`` is neither ``model_samples`` nor an existing file."""
+    if str(path) != MODEL_SAMPLES:
+        resolve_corpus(path)
 
 
 def resolve_corpus(path: str | os.PathLike) -> Path:
@@ -65,22 +74,6 @@ def file_sha256(path: Path) -> str:
                 h.update(block)
         _SHA_MEMO[memo] = h.hexdigest()
     return _SHA_MEMO[memo]
-
-
-def model_identity(model) -> str:
-    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    shape = {k: getattr(cfg, k, None) for k in ("model_type", "vocab_size", "hidden_size", "intermediate_size",
-                                                  "num_hidden_layers", "num_attention_heads", "num_key_value_heads")}
-    emb = model.get_input_embeddings().weight.detach()
-    sample = emb[:: max(1, emb.shape[0] // 4096)].float().cpu().contiguous()
-    h = hashlib.sha256(json.dumps([type(model).__name__, shape, list(emb.shape)], sort_keys=True).encode())
-    h.update(sample.numpy())
-    return h.hexdigest()
-
-
-def tokenizer_identity(tok) -> str:
-    probe = tok("The quick brown fox, 1234 — naïve café.", add_special_tokens=True)["input_ids"]
-    return hashlib.sha256(json.dumps([type(tok).__name__, len(tok), probe]).encode()).hexdigest()
 
 
 def _matrix_sha256(t: torch.Tensor) -> str:
@@ -253,7 +246,10 @@ def second_moments(model, tok, module_names: Sequence[str], corpus_path: str | o
 
     The tensors are shared with a small in-process cache (the latest call's): do not modify them.
     """
-    corpus = resolve_corpus(corpus_path)
+    if str(corpus_path) == MODEL_SAMPLES:  # text the model samples itself (sampled_corpus.py)
+        corpus = sampled_corpus(model, tok, n_tokens + n_tokens // 20, seq_len, cache_dir=cache_dir)
+    else:
+        corpus = resolve_corpus(corpus_path)
     for n in module_names:
         module_by_name(model, n)
     if n_tokens < 1 or seq_len < 2:

@@ -6,7 +6,7 @@ import math
 from typing import Any
 
 from mixsd_edit.data.requests import normalize_requests
-from mixsd_edit.methods.locate.stats import second_moments
+from mixsd_edit.methods.locate.stats import check_corpus, second_moments
 from mixsd_edit.methods.mixsd.hparams import MixSDHyperParams
 from mixsd_edit.methods.mixsd.key_delta import (KeyDirectedDelta, key_directions, subject_key_positions,
                                                 subject_keys)
@@ -51,7 +51,8 @@ def execute_mixsd(model, tok, requests: list[dict], hp: MixSDHyperParams, params
 
 
 def key_covariances(model, tok, hp: MixSDHyperParams, modules: list[str]) -> dict:
-    """``{module: C}`` from ``key_stats_dataset`` (cached on disk like ROME's), or ``{}`` (identity)."""
+    """``{module: C}`` from ``key_stats_dataset`` (a text file, or ``model_samples``: text the model
+    samples itself; cached on disk like ROME's), or ``{}`` (identity)."""
     if hp.key_stats_dataset is None:
         return {}
     return second_moments(model, tok, modules, hp.key_stats_dataset, hp.key_stats_n_tokens, hp.key_stats_seq_len,
@@ -71,6 +72,8 @@ def check_mixsd_inputs(model, tok, requests, hparams: MixSDHyperParams, **kwargs
             if not name.endswith(".weight") or p.dim() != 2:
                 raise ValueError(f"MixSD delta 'key_rank_one' trains Linear weights only; trainable_params matched {name!r}")
         subject_key_positions(tok, requests, hparams)
+        if hparams.key_stats_dataset is not None:
+            check_corpus(hparams.key_stats_dataset)  # a missing corpus fails before any model work
     return requests
 
 
