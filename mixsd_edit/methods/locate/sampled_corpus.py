@@ -17,13 +17,12 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 from pathlib import Path
 
 import torch
 
 from mixsd_edit.lm_utils import step
-from mixsd_edit.methods.locate.identity import model_identity, tokenizer_identity
+from mixsd_edit.methods.locate.cachefiles import model_identity, tokenizer_identity, write_atomic
 from mixsd_edit.models import default_cache_root
 
 log = logging.getLogger(__name__)
@@ -87,14 +86,5 @@ def sampled_corpus(model, tok, n_tokens: int, seq_len: int, *, seed: int = 0,
     seqs = sample_token_sequences(model, tok, n_tokens, seq_len, seed=seed)
     # one sequence per paragraph; newlines inside a sample are kept (the reader skips blank lines only)
     text = "\n\n".join(tok.decode(s, skip_special_tokens=True).strip() for s in seqs) + "\n"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(path, lambda fh: fh.write(text.encode("utf-8")))
     return path

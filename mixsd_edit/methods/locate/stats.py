@@ -25,13 +25,12 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
 
-from mixsd_edit.methods.locate.identity import model_identity, tokenizer_identity
+from mixsd_edit.methods.locate.cachefiles import model_identity, tokenizer_identity, write_atomic
 from mixsd_edit.methods.locate.repr import StopForward, module_by_name
 from mixsd_edit.methods.locate.sampled_corpus import MODEL_SAMPLES, sampled_corpus
 from mixsd_edit.models import default_cache_root
@@ -121,18 +120,7 @@ def load_cached(path: Path, key: dict) -> torch.Tensor | None:
 def save_atomic(path: Path, key: dict, mom2: torch.Tensor, count: int) -> None:
     payload = {"format": FORMAT_VERSION, "key": key, "count": int(count), "mom2": mom2.cpu(),
                "sha256": _matrix_sha256(mom2)}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(payload, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; the cache is as readable as any other cache file
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(path, lambda fh: torch.save(payload, fh))
 
 
 def token_chunks(tok, corpus: Path, n_tokens: int, seq_len: int) -> Iterator[tuple[list[int], int]]:
@@ -247,6 +235,7 @@ def second_moments(model, tok, module_names: Sequence[str], corpus_path: str | o
     The tensors are shared with a small in-process cache (the latest call's): do not modify them.
     """
     if str(corpus_path) == MODEL_SAMPLES:  # text the model samples itself (sampled_corpus.py)
+        # 5% more than needed: decoding the samples and re-tokenising the text can shorten them a little
         corpus = sampled_corpus(model, tok, n_tokens + n_tokens // 20, seq_len, cache_dir=cache_dir)
     else:
         corpus = resolve_corpus(corpus_path)

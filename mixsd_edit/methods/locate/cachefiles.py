@@ -1,4 +1,5 @@
-"""Identity strings of a model and a tokenizer, for on-disk caches derived from them.
+"""On-disk caches derived from a model (second moments, the model-sampled corpus): the identity
+strings in their keys, and atomic writes.
 
 Model identity = class, shape fields of the config and a strided sample of the input embedding;
 tokenizer identity = class, size and the ids of a fixed probe string.
@@ -7,6 +8,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import tempfile
+from pathlib import Path
+from typing import BinaryIO, Callable
 
 
 def model_identity(model) -> str:
@@ -23,3 +28,20 @@ def model_identity(model) -> str:
 def tokenizer_identity(tok) -> str:
     probe = tok("The quick brown fox, 1234 — naïve café.", add_special_tokens=True)["input_ids"]
     return hashlib.sha256(json.dumps([type(tok).__name__, len(tok), probe]).encode()).hexdigest()
+
+
+def write_atomic(path: Path, write: Callable[[BinaryIO], None]) -> None:
+    """``write(fh)`` into a temp file next to ``path``, fsync, then rename over ``path``: readers see
+    the old file or the whole new one, never a partial one. Mode 0644 like any other cache file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
