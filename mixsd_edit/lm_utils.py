@@ -1,7 +1,10 @@
-"""Calling a Hugging Face causal LM with a KV cache across transformers versions.
+"""Small language-model helpers shared by methods and evaluation.
 
-transformers 5.x renamed ``past_key_values`` to ``cache`` (argument and output); 4.5x uses the old
-name. Decoding loops go through :func:`step` so they work on both.
+- :func:`step`: one forward with a KV cache across transformers versions (5.x renamed
+  ``past_key_values`` to ``cache``, argument and output; 4.5x uses the old name). Decoding loops go
+  through it so they work on both.
+- :func:`rest_logp` / :func:`coarse_kl`: KL between next-token distributions kept as top-k
+  log-probs plus one bucket for the rest (the retention suite's KL and MixSD's preservation term).
 """
 from __future__ import annotations
 
@@ -40,3 +43,16 @@ def step(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_
         new_cache = getattr(out, "past_key_values", None)
     logits = out.logits[:, -1] if last_only else out.logits
     return logits, new_cache
+
+
+def rest_logp(top_logp: torch.Tensor) -> torch.Tensor:
+    """log(1 - sum of the top-k probabilities), the rest floored at ~1e-7 so that KL stays finite
+    when float rounding gives the top-k all the mass (applied alike to both models)."""
+    return torch.log1p(-top_logp.exp().sum(-1).clamp(max=1.0 - 1e-7))
+
+
+def coarse_kl(p_top: torch.Tensor, p_rest: torch.Tensor, q_top: torch.Tensor, q_rest: torch.Tensor) -> torch.Tensor:
+    """KL(p || q) in nats between distributions over k named tokens plus one "rest" bucket, all as
+    log-probs; [..., k] and [...] -> [...]. Clamped at 0 against rounding."""
+    top = (p_top.exp() * (p_top - q_top)).sum(-1)
+    return (top + p_rest.exp() * (p_rest - q_rest)).clamp(min=0.0)

@@ -49,6 +49,26 @@ def test_key_directions_are_dual_to_their_keys():
     assert torch.allclose(ratio, ratio[:, :1].expand_as(ratio), rtol=1e-4)
 
 
+def test_directions_can_exclude_the_mean_key_of_the_other_requests():
+    torch.manual_seed(0)
+    K = torch.randn(4, 16) + 3.0 * torch.randn(1, 16)  # keys with a large shared component
+    A = torch.randn(16, 16)
+    C = A @ A.T / 16 + torch.eye(16)
+    V = key_directions(K, C, exclude_batch_mean=True).double()
+    Kd = K.double()
+    assert torch.allclose((Kd @ V).diagonal(), torch.ones(4, dtype=torch.float64), atol=1e-5)
+    for i in range(4):
+        mu = (Kd.sum(0) - Kd[i]) / 3
+        assert abs(float(mu @ V[:, i])) < 1e-5
+        # the limit of whitening with C + a μμᵀ
+        big = key_directions(K[i:i + 1], C.double() + 1e5 * torch.outer(mu, mu)).double()[:, 0]
+        assert torch.allclose(big, V[:, i], rtol=1e-2, atol=1e-4)
+    plain = key_directions(K, C)
+    assert (Kd @ plain.double()).sub(torch.eye(4, dtype=torch.float64)).abs().sum() > \
+        (Kd @ V).sub(torch.eye(4, dtype=torch.float64)).abs().sum()
+    assert torch.equal(key_directions(K[:1], C, exclude_batch_mean=True), key_directions(K[:1], C))
+
+
 def test_hooked_delta_equals_the_written_weights(word_tok):
     model = tiny_llama(len(word_tok), seed=1)
     reqs = _reqs()
@@ -130,3 +150,31 @@ def test_model_sampled_key_statistics_whiten_the_directions(word_tok, tmp_path, 
     assert list((tmp_path / "cache" / "corpora").glob("model-samples-*.txt"))
     assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
     assert any(not torch.allclose(runs[0][k], runs[2][k]) for k in runs[0])
+
+
+def _weights_after(word_tok, reqs, **kw):
+    model = tiny_llama(len(word_tok))
+    hp = mixsd_hparams(delta="key_rank_one", grad_clip=None, early_stop_loss=None, num_steps=6, lr=5e-2, **kw)
+    _, wc = apply_mixsd_to_model(model, word_tok, reqs, hp, return_orig_weights=True)
+    return {k: (model.get_parameter(k).detach() - wc[k]).clone() for k in wc}
+
+
+def test_isolated_requests_make_a_batch_the_sum_of_single_edits(word_tok):
+    """isolate_requests: request i's vector trains on request i's target only, so the batch's weight
+    change is the sum of the changes each request makes alone; trained jointly it is not."""
+    a, b = _reqs()
+    single = [_weights_after(word_tok, [r], isolate_requests=True) for r in (a, b)]
+    summed = {k: single[0][k] + single[1][k] for k in single[0]}
+    iso = _weights_after(word_tok, [a, b], isolate_requests=True)
+    joint = _weights_after(word_tok, [a, b], isolate_requests=False)
+    scale = max(float(v.abs().max()) for v in summed.values())
+    assert scale > 1e-3
+    assert all(torch.allclose(iso[k], summed[k], atol=1e-3 * scale) for k in summed)
+    assert any(not torch.allclose(joint[k], summed[k], atol=1e-2 * scale) for k in summed)
+
+
+def test_isolate_requests_needs_key_rank_one():
+    from mixsd_edit.hparams import HyperParamsError
+
+    with pytest.raises(HyperParamsError, match="isolate_requests"):
+        mixsd_hparams(delta="full", isolate_requests=True)

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from conftest import tiny_llama
-from mixsd_edit.evaluation.retention import (capture_reference_logprobs, coarse_kl, fact_answered,
+from mixsd_edit.lm_utils import coarse_kl
+from mixsd_edit.evaluation.retention import (capture_reference_logprobs, fact_answered,
                                              known_fact_recall, mean_kl, perplexity, retention_ratio,
                                              select_known_facts, wikitext_windows)
 from mixsd_edit.evaluation.retention_suite import RetentionConfig, RetentionSuite
@@ -218,6 +219,20 @@ def test_wikitext_windows_from_shared_file(shared_data, word_tok):
     w = wikitext_windows(word_tok, shared_data / "wikitext2" / "wiki.test.raw", n_windows=2, window=64,
                          offset_tokens=10)
     assert [len(x) for x in w] == [64, 64]
+
+
+def test_wikitext_windows_from_the_end_do_not_touch_the_start(word_tok, tmp_path):
+    """The suite's default reads its text from the end of the file, away from the head that ROME/MEMIT
+    statistics are computed on; from_end with an offset ends that many tokens before the end."""
+    p = tmp_path / "wiki.raw"
+    p.write_text(" ".join(f"w{i % 40}" for i in range(200)))
+    ids = word_tok(p.read_text(), add_special_tokens=False)["input_ids"]
+    tail = wikitext_windows(word_tok, str(p), n_windows=2, window=10, from_end=True)
+    assert tail == [ids[-20:-10], ids[-10:]]
+    before = wikitext_windows(word_tok, str(p), n_windows=1, window=10, offset_tokens=20, from_end=True)
+    assert before == [ids[-30:-20]]
+    assert wikitext_windows(word_tok, str(p), n_windows=1, window=10) == [ids[:10]]
+    assert RetentionConfig().wikitext_from_end
 
 
 def test_fact_answered_match_modes():

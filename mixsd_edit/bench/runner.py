@@ -107,6 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ppl-window", type=int, default=512, help="tokens per perplexity window")
     p.add_argument("--kl-windows", type=int, default=4, help="WikiText KL windows")
     p.add_argument("--kl-window", type=int, default=256, help="tokens per KL window")
+    p.add_argument("--wikitext-from-start", action="store_true",
+                   help="perplexity/KL text from the start of WikiText-2 test, as runs before this flag existed "
+                        "(default: from its end, away from the text ROME/MEMIT take their statistics from)")
     p.add_argument("--mmlu-n", type=int, default=100)
     p.add_argument("--gsm8k-n", type=int, default=50)
     p.add_argument("--retention-batch-size", type=int, default=8)
@@ -245,7 +248,8 @@ def plan_run(args, argv: list[str]) -> Plan:
         retention = RetentionConfig.from_data_root(
             args.data_root or default_data_root(), suites=suites, known_n=args.known_n, ppl_windows=args.ppl_windows,
             ppl_window=args.ppl_window, kl_windows=args.kl_windows, kl_window=args.kl_window, mmlu_n=args.mmlu_n,
-            gsm8k_n=args.gsm8k_n, batch_size=args.retention_batch_size)
+            gsm8k_n=args.gsm8k_n, batch_size=args.retention_batch_size,
+            wikitext_from_end=not args.wikitext_from_start)
         missing = [s for s in suites if not retention.enabled(s)]
         if missing:
             raise FileNotFoundError(f"retention suite(s) {missing}: data not found under "
@@ -422,10 +426,12 @@ class Bench:
                              f"the base model (greedy, {c.known_max_new_tokens} tokens, '{c.known_match}' match), "
                              f"edited subjects excluded")
             elif s == "perplexity":
-                parts.append(f"perplexity: {c.ppl_windows} x {c.ppl_window} WikiText-2 test tokens "
+                where = "at the end of" if c.wikitext_from_end else "at the start of"
+                parts.append(f"perplexity: {c.ppl_windows} x {c.ppl_window} tokens {where} WikiText-2 test "
                              f"(base ppl {pre['score']:.2f})")
             elif s == "kl":
-                parts.append(f"KL: {c.kl_windows} x {c.kl_window} tokens after the perplexity text, top-{c.kl_top_k}")
+                where = "before" if c.wikitext_from_end else "after"
+                parts.append(f"KL: {c.kl_windows} x {c.kl_window} tokens {where} the perplexity text, top-{c.kl_top_k}")
             else:
                 parts.append(f"{s}: n={pre.get('n')} (base {pre['score']:.3f})")
         parts += [f"{s} skipped ({why})" for s, why in self.suite.skipped.items() if s in c.suites]

@@ -23,6 +23,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import torch
 
 from mixsd_edit.evaluation.metrics import generation_match, greedy_generate, normalize_answer
+from mixsd_edit.lm_utils import coarse_kl, rest_logp
 from mixsd_edit.prompting import PromptFormat, pad_id_of, pad_right
 
 logger = logging.getLogger(__name__)
@@ -122,15 +123,18 @@ def known_fact_recall(model, tok, facts: Sequence[Mapping[str, Any]], exclude_su
 
 # ----------------------------------------------------------------------------- WikiText perplexity
 
-def wikitext_windows(tok, path: str, n_windows: int, window: int, offset_tokens: int = 0) -> list[list[int]]:
+def wikitext_windows(tok, path: str, n_windows: int, window: int, offset_tokens: int = 0,
+                     from_end: bool = False) -> list[list[int]]:
     """``n_windows`` consecutive, non-overlapping windows of ``window`` token ids from the raw
-    WikiText file, starting ``offset_tokens`` tokens in (the text is tokenised as one string)."""
+    WikiText file (tokenised as one string), starting ``offset_tokens`` tokens in; with ``from_end``
+    the windows end ``offset_tokens`` tokens before the end of the file instead."""
     with open(path, encoding="utf-8") as f:
         ids = tok(f.read(), add_special_tokens=False)["input_ids"]
     need = offset_tokens + n_windows * window
     if need > len(ids):
         raise ValueError(f"{path}: {len(ids)} tokens, but {need} requested")
-    return [ids[offset_tokens + i * window: offset_tokens + (i + 1) * window] for i in range(n_windows)]
+    start = len(ids) - need if from_end else offset_tokens
+    return [ids[start + i * window: start + (i + 1) * window] for i in range(n_windows)]
 
 
 def _bos(tok) -> list[int]:
@@ -179,12 +183,6 @@ class ReferenceLogprobs:
     top_k: int
 
 
-def _rest_logp(top_logp: torch.Tensor) -> torch.Tensor:
-    """log(1 - sum of the top-k probabilities), the rest floored at ~1e-7 so that KL stays finite
-    when float rounding gives the top-k all the mass (applied alike to both models)."""
-    return torch.log1p(-top_logp.exp().sum(-1).clamp(max=1.0 - 1e-7))
-
-
 @torch.no_grad()
 def _window_logprobs(model, tok, windows, batch_size):
     """Yield (input ids, [L, V] float32 log-probs) per window."""
@@ -209,16 +207,9 @@ def capture_reference_logprobs(model, tok, windows: Sequence[Sequence[int]], top
         ref.input_ids.append(seq)
         ref.top_idx.append(idx.to(torch.int32).cpu())
         ref.top_logp.append(vals.cpu())
-        ref.rest_logp.append(_rest_logp(vals).cpu())
+        ref.rest_logp.append(rest_logp(vals).cpu())
         ref.top_k = k
     return ref
-
-
-def coarse_kl(p_top: torch.Tensor, p_rest: torch.Tensor, q_top: torch.Tensor, q_rest: torch.Tensor) -> torch.Tensor:
-    """KL(p || q) in nats between distributions over k named tokens plus one "rest" bucket, all as
-    log-probs; [..., k] and [...] -> [...]. Clamped at 0 against rounding."""
-    top = (p_top.exp() * (p_top - q_top)).sum(-1)
-    return (top + p_rest.exp() * (p_rest - q_rest)).clamp(min=0.0)
 
 
 def mean_kl(model, tok, reference: ReferenceLogprobs, batch_size: int = 4) -> dict[str, Any]:
@@ -227,7 +218,7 @@ def mean_kl(model, tok, reference: ReferenceLogprobs, batch_size: int = 4) -> di
     total, count = 0.0, 0
     for w, (seq, logp) in enumerate(_window_logprobs(model, tok, reference.input_ids, batch_size)):
         q_top = logp.gather(-1, reference.top_idx[w].to(logp.device).long()).cpu()
-        kl = coarse_kl(reference.top_logp[w], reference.rest_logp[w], q_top, _rest_logp(q_top))
+        kl = coarse_kl(reference.top_logp[w], reference.rest_logp[w], q_top, rest_logp(q_top))
         per_window.append(kl.mean().item())
         total, count = total + kl.sum().item(), count + kl.numel()
     return {"score": total / count, "n": count, "window_kl": per_window, "top_k": reference.top_k,

@@ -43,10 +43,14 @@ class RetentionConfig:
     known_n: int = 200            # known_1000 records checked on the base model
     known_max_new_tokens: int = 8
     known_match: str = "prefix"   # or "contains" (ASSETS.md's 51/200 for SmolLM2; "prefix" gives 45/200)
-    ppl_windows: int = 4          # perplexity: ppl_windows x ppl_window tokens from the start
+    ppl_windows: int = 4          # perplexity: the last ppl_windows x ppl_window tokens of the file
     ppl_window: int = 512
-    kl_windows: int = 4           # KL: the next kl_windows x kl_window tokens after the perplexity text
+    kl_windows: int = 4           # KL: the kl_windows x kl_window tokens just before the perplexity text
     kl_window: int = 256
+    # From the end of the file: ROME/MEMIT/whitened MixSD estimate their key statistics from the start
+    # of the same WikiText-2 file (mom2_dataset), so text from its start would be text those methods
+    # were fitted to keep. False reproduces the earlier runs (windows from the start).
+    wikitext_from_end: bool = True
     kl_top_k: int | None = 1000
     mmlu_n: int = 100
     mmlu_shots: int = 3
@@ -117,13 +121,14 @@ class RetentionSuite:
                 result = dict(sel, score=1.0 if self._known else None, base_share_known=sel["score"])
             elif suite == "kl":
                 windows = wikitext_windows(tok, c.wikitext_path, c.kl_windows, c.kl_window,
-                                           offset_tokens=c.ppl_windows * c.ppl_window)
+                                           offset_tokens=c.ppl_windows * c.ppl_window, from_end=c.wikitext_from_end)
                 self._reference = capture_reference_logprobs(base_model, tok, windows, c.kl_top_k, c.batch_size)
                 result = {"score": 0.0, "n": sum(len(w) for w in self._reference.input_ids),
                           "protocol": RETENTION_PROTOCOLS["kl"], "higher_is_better": False}
             else:
                 if suite == "perplexity":
-                    self._ppl_windows = wikitext_windows(tok, c.wikitext_path, c.ppl_windows, c.ppl_window)
+                    self._ppl_windows = wikitext_windows(tok, c.wikitext_path, c.ppl_windows, c.ppl_window,
+                                                         from_end=c.wikitext_from_end)
                 result = self._run(suite, base_model)
             result["seconds"] = time.perf_counter() - t0
             self.pre[suite] = result

@@ -227,6 +227,16 @@ def _with_end(it):
     yield None
 
 
+def corpus_file(model, tok, corpus_path: str | os.PathLike, n_tokens: int, seq_len: int, *,
+                cache_dir: str | os.PathLike | None = None) -> Path:
+    """The text file behind ``corpus_path``: the path itself, or for ``model_samples`` the cached text the
+    model samples itself (sampled_corpus.py), ``n_tokens`` long in ``seq_len``-token samples."""
+    if str(corpus_path) == MODEL_SAMPLES:
+        # 5% more than needed: decoding the samples and re-tokenising the text can shorten them a little
+        return sampled_corpus(model, tok, n_tokens + n_tokens // 20, seq_len, cache_dir=cache_dir)
+    return resolve_corpus(corpus_path)
+
+
 def second_moments(model, tok, module_names: Sequence[str], corpus_path: str | os.PathLike, n_tokens: int,
                    seq_len: int, *, cache_dir: str | os.PathLike | None = None, progress: bool = True,
                    seqs_per_batch: int = 4) -> dict[str, torch.Tensor]:
@@ -234,11 +244,7 @@ def second_moments(model, tok, module_names: Sequence[str], corpus_path: str | o
 
     The tensors are shared with a small in-process cache (the latest call's): do not modify them.
     """
-    if str(corpus_path) == MODEL_SAMPLES:  # text the model samples itself (sampled_corpus.py)
-        # 5% more than needed: decoding the samples and re-tokenising the text can shorten them a little
-        corpus = sampled_corpus(model, tok, n_tokens + n_tokens // 20, seq_len, cache_dir=cache_dir)
-    else:
-        corpus = resolve_corpus(corpus_path)
+    corpus = corpus_file(model, tok, corpus_path, n_tokens, seq_len, cache_dir=cache_dir)
     for n in module_names:
         module_by_name(model, n)
     if n_tokens < 1 or seq_len < 2:

@@ -3,16 +3,17 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any
+from typing import Any, Sequence
 
 from mixsd_edit.data.requests import normalize_requests
 from mixsd_edit.methods.locate.stats import check_corpus, second_moments
 from mixsd_edit.methods.mixsd.hparams import MixSDHyperParams
 from mixsd_edit.methods.mixsd.key_delta import (KeyDirectedDelta, key_directions, subject_key_positions,
                                                 subject_keys)
+from mixsd_edit.methods.mixsd.preserve import PreservationKL
 from mixsd_edit.methods.mixsd.targets import MixedTarget, build_mixed_targets
 from mixsd_edit.prompting import pad_id_of
-from mixsd_edit.training import TrainConfig, TrainReport, train_nll
+from mixsd_edit.training import Example, LossFn, TrainConfig, TrainReport, target_nll_loss, train_nll
 from mixsd_edit.weights import EditTransaction, begin_edit, select_parameters
 
 log = logging.getLogger(__name__)
@@ -35,19 +36,38 @@ def execute_mixsd(model, tok, requests: list[dict], hp: MixSDHyperParams, params
                   progress: bool = False) -> tuple[list[MixedTarget], TrainReport]:
     """Targets from the model as it is, then train ``params`` in place (the caller restores on error)."""
     targets = build_mixed_targets(model, tok, requests, hp, progress=progress)
-    examples = [(t.context_ids, t.target_ids) for t in targets if t.target_ids]
+    owners = [i for i, t in enumerate(targets) if t.target_ids]
+    examples = [(targets[i].context_ids, targets[i].target_ids) for i in owners]
     cfg = train_config(hp, len(examples))
+    preserve = PreservationKL(model, tok, hp) if hp.preserve_weight > 0 and examples else None
     if hp.delta == "full":
-        return targets, train_nll(model, params, examples, cfg, pad_id_of(tok), progress=progress)
+        loss_fn = mixsd_loss(preserve, hp.preserve_weight)
+        return targets, train_nll(model, params, examples, cfg, pad_id_of(tok), progress=progress, loss_fn=loss_fn)
     # key_rank_one: train one vector per request and matrix, then write U Vᵀ into the weights
     modules = [n[: -len(".weight")] for n in params]
     keys = subject_keys(model, tok, requests, hp, modules)
     covs = key_covariances(model, tok, hp, modules)
-    delta = KeyDirectedDelta(model, {m: key_directions(keys[m], covs.get(m)) for m in modules})
+    delta = KeyDirectedDelta(model, {m: key_directions(keys[m], covs.get(m), hp.exclude_batch_mean) for m in modules})
+    owner_of = {id(ex): i for ex, i in zip(examples, owners)} if hp.isolate_requests else None
+    loss_fn = mixsd_loss(preserve, hp.preserve_weight, delta, owner_of)
     with delta.attached():
-        report = train_nll(model, delta.params, examples, cfg, pad_id_of(tok), progress=progress)
+        report = train_nll(model, delta.params, examples, cfg, pad_id_of(tok), progress=progress, loss_fn=loss_fn)
     delta.write_into_weights()
     return targets, report
+
+
+def mixsd_loss(preserve: PreservationKL | None, weight: float, delta: KeyDirectedDelta | None = None,
+               owner_of: dict[int, int] | None = None) -> LossFn:
+    """NLL of the mixed targets (with ``owner_of``: each example's row sees only its own request's
+    key-directed change), plus ``weight`` x the preservation KL (with every change switched on)."""
+    def loss(model, batch: Sequence[Example], pad_id: int, device):
+        if owner_of is None:
+            nll = target_nll_loss(model, batch, pad_id, device)
+        else:
+            with delta.only_own_request([owner_of[id(ex)] for ex in batch]):
+                nll = target_nll_loss(model, batch, pad_id, device)
+        return nll if preserve is None else nll + weight * preserve(model)
+    return loss
 
 
 def key_covariances(model, tok, hp: MixSDHyperParams, modules: list[str]) -> dict:
@@ -67,6 +87,8 @@ def check_mixsd_inputs(model, tok, requests, hparams: MixSDHyperParams, **kwargs
         raise TypeError(f"apply_mixsd_to_model needs MixSDHyperParams, got {type(hparams).__name__}")
     requests = normalize_requests(requests)
     params = select_parameters(model, hparams.trainable_params, hparams.layers)
+    if hparams.preserve_weight > 0:
+        check_corpus(hparams.preserve_dataset)
     if hparams.delta == "key_rank_one":
         for name, p in params.items():
             if not name.endswith(".weight") or p.dim() != 2:

@@ -47,6 +47,13 @@ class MixSDHyperParams(HyperParams):
     key_stats_dataset: str | None  # corpus for C = E[k kᵀ] (key_rank_one); null = identity C
     key_stats_n_tokens: int
     key_stats_seq_len: int
+    isolate_requests: bool         # key_rank_one: request i's vector trains on request i's target only
+    exclude_batch_mean: bool       # key_rank_one: v_i ⟂ mean key of the other requests (see key_directions)
+    # --- preservation (methods/mixsd/preserve.py): + preserve_weight x KL(base || edited) on ordinary text
+    preserve_weight: float         # 0 = off (the paper's objective)
+    preserve_dataset: str | None   # text file or model_samples; required when preserve_weight > 0
+    preserve_n_tokens: int         # tokens of that text scored at every training step
+    preserve_seq_len: int
 
     def validate(self) -> None:
         def bad(field: str, why: str):
@@ -86,6 +93,15 @@ class MixSDHyperParams(HyperParams):
             bad("delta", f"must be one of {DELTAS}, got '{self.delta}'")
         if self.key_stats_n_tokens < 1 or self.key_stats_seq_len < 2:
             bad("key_stats_n_tokens", "must be >= 1 and key_stats_seq_len >= 2")
+        for flag in ("isolate_requests", "exclude_batch_mean"):
+            if getattr(self, flag) and self.delta != "key_rank_one":
+                bad(flag, "needs delta 'key_rank_one' (full fine-tuning has no per-request part)")
+        if self.preserve_weight < 0:
+            bad("preserve_weight", f"must be >= 0, got {self.preserve_weight}")
+        if self.preserve_weight > 0 and self.preserve_dataset is None:
+            bad("preserve_dataset", "must name a text file or model_samples when preserve_weight > 0")
+        if self.preserve_n_tokens < 1 or self.preserve_seq_len < 2:
+            bad("preserve_n_tokens", "must be >= 1 and preserve_seq_len >= 2")
         for b in ("adam_beta1", "adam_beta2"):
             if not 0.0 <= getattr(self, b) < 1.0:
                 bad(b, f"must be in [0, 1), got {getattr(self, b)}")

@@ -14,6 +14,12 @@ Linear ``W`` (``out × in``) and request ``i``, ``ΔW = Σᵢ uᵢ vᵢᵀ`` whe
 - only the ``uᵢ`` (``out``-vectors, starting at zero) are trained, by the same loop, loss and
   optimiser as ``full``.
 
+With ``isolate_requests`` each ``uᵢ`` is trained on request ``i``'s target only (the other requests'
+changes are switched off on that example's row), so a batch of edits is the sum of the edits each
+request would make alone. Trained jointly instead, the vectors of requests that share a relation can
+together learn a relation-wide rule through the parts of their keys that the relation's other
+subjects share too — the way a batch loses locality that single edits keep (BENCHMARKS.md §12).
+
 During training the change is applied by forward hooks (``y = W k + U (Vᵀ k)``); afterwards it is
 written into ``W`` once. The caller's :class:`~mixsd_edit.weights.EditTransaction` holds ``W``'s
 original value, so restore stays bit-exact.
@@ -62,10 +68,22 @@ def subject_keys(model, tok, requests: Sequence[dict], hp, modules: Sequence[str
     return {m: got[("in", m)] for m in modules}
 
 
-def key_directions(keys: torch.Tensor, cov: torch.Tensor | None) -> torch.Tensor:
-    """``V`` [in, n] with column ``i`` = ``C⁻¹ kᵢ / (kᵢᵀ C⁻¹ kᵢ)`` (``C`` = identity when None)."""
+def key_directions(keys: torch.Tensor, cov: torch.Tensor | None, exclude_batch_mean: bool = False) -> torch.Tensor:
+    """``V`` [in, n] with column ``i`` = ``C⁻¹ kᵢ / (kᵢᵀ C⁻¹ kᵢ)`` (``C`` = identity when None).
+
+    ``exclude_batch_mean`` (n ≥ 2): the numerator becomes ``C⁻¹`` of the part of ``kᵢ`` orthogonal (in
+    the ``C⁻¹`` metric) to ``μᵢ``, the mean key of the *other* requests, so ``vᵢᵀ μᵢ = 0`` while still
+    ``vᵢᵀ kᵢ = 1``. Subject keys share a large common component that ordinary text does not whiten
+    away; without this, every subject (the batch's and any other) sees the sum of all the batch's
+    changes along it (BENCHMARKS.md §12). It is the limit of adding ``a μᵢ μᵢᵀ`` to ``C`` as a → ∞."""
     K = keys.double()
     CK = torch.linalg.solve(cov.to(K.device, torch.float64), K.T) if cov is not None else K.T  # [in, n]
+    n = K.shape[0]
+    if exclude_batch_mean and n >= 2:
+        C_mu = (CK.sum(1, keepdim=True) - CK) / (n - 1)        # [in, n]: C⁻¹ μᵢ
+        mu = (K.sum(0, keepdim=True) - K) / (n - 1)            # [n, in]: μᵢ
+        coef = (mu * CK.T).sum(-1) / (mu * C_mu.T).sum(-1).clamp(min=1e-12)
+        CK = CK - C_mu * coef
     return (CK / (K * CK.T).sum(-1).clamp(min=1e-12)).float()
 
 
@@ -82,6 +100,21 @@ class KeyDirectedDelta:
                 raise ValueError(f"{m}: key size {V.shape[0]} != input size {W.shape[1]}")
             self.V[m] = V.to(W.device)
             self.U[m] = torch.nn.Parameter(torch.zeros(W.shape[0], V.shape[1], device=W.device))
+        self._rows: torch.Tensor | None = None  # [B, n] 0/1: which requests' vectors act on which batch row
+
+    @contextmanager
+    def only_own_request(self, owners: Sequence[int]) -> Iterator[None]:
+        """Inside, batch row ``b`` sees only request ``owners[b]``'s change (``isolate_requests``); outside,
+        every row sees all of them, as the written weights will."""
+        n = next(iter(self.V.values())).shape[1]
+        dev = next(iter(self.V.values())).device
+        rows = torch.zeros(len(owners), n, device=dev)
+        rows[torch.arange(len(owners)), torch.as_tensor(list(owners), dtype=torch.long)] = 1.0
+        self._rows = rows
+        try:
+            yield
+        finally:
+            self._rows = None
 
     @property
     def params(self) -> dict[str, torch.nn.Parameter]:
@@ -91,8 +124,10 @@ class KeyDirectedDelta:
     def attached(self) -> Iterator[None]:
         def make_hook(m):
             def hook(module, args, output):
-                k = args[0]
-                return output + ((k.float() @ self.V[m]) @ self.U[m].T).to(output.dtype)
+                z = args[0].float() @ self.V[m]  # [B, T, n]: how much each request's key is present
+                if self._rows is not None:
+                    z = z * self._rows[:, None, :]
+                return output + (z @ self.U[m].T).to(output.dtype)
             return hook
 
         handles = [mod.register_forward_hook(make_hook(m)) for m, mod in self.modules.items()]
