@@ -319,6 +319,11 @@ def test_tradeoff_plot_writes_png_with_sweep_and_fixed_points(tmp_path):
     info = bench_plot.plot_tradeoff(bench_plot.load_summaries([tmp_path]), tmp_path / "t.png")
     assert _is_png(tmp_path / "t.png")
     assert info["efficacy"] == "es" and info["retention"] == "known_facts" and info["points"] == 8
+    assert info["sweep_points"] == 3
+    # a MixSD variant that is not a λ-sweep point is a point of its own, not on the λ line
+    s["rows"]["MixSD-lam0.3"]["sweep"] = None
+    info = bench_plot.plot_tradeoff([s], tmp_path / "t2.png")
+    assert info["points"] == 8 and info["sweep_points"] == 2
     no_known = synthetic_summary(with_known=False)  # falls back to the KL-based retention
     info = bench_plot.plot_tradeoff([no_known], tmp_path / "kl.png", swap_axes=True)
     assert info["retention"] == "kl" and _is_png(tmp_path / "kl.png")

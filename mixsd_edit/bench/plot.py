@@ -128,7 +128,7 @@ def plot_tradeoff(summaries: Sequence[dict], out: str | Path, efficacy_metric: s
     tags = _tags(summaries)
     names = sorted({row["method"] for _, row in _method_rows(summaries) if row["kind"] == "method"})
     colors = {name: f"C{i % 10}" for i, name in enumerate(names)}
-    drawn, unedited_done = 0, False
+    drawn, on_lines, unedited_done = 0, 0, False
     for s, tag in zip(summaries, tags):
         suffix = f" ({tag})" if tag else ""
         sweep = []
@@ -142,7 +142,8 @@ def plot_tradeoff(summaries: Sequence[dict], out: str | Path, efficacy_metric: s
                 ax.scatter([x], [y], marker="*", s=160, color="grey", zorder=3,
                            label=None if unedited_done else "unedited model")
                 unedited_done = True
-            elif row["method"] == "MixSD" and "mix_lambda" in (row.get("hparams") or {}):
+            elif row["method"] == "MixSD" and row.get("sweep", {"param": "mix_lambda"}) is not None \
+                    and "mix_lambda" in (row.get("hparams") or {}):  # λ-sweep points (older summaries lack "sweep")
                 sweep.append((row["hparams"]["mix_lambda"], x, y))
             else:
                 ax.scatter([x], [y], marker=MARKERS.get(row["method"], "P"), s=70, color=colors[row["method"]],
@@ -150,6 +151,7 @@ def plot_tradeoff(summaries: Sequence[dict], out: str | Path, efficacy_metric: s
                 ax.annotate(label, (x, y), textcoords="offset points", xytext=(5, -10), fontsize=8)
             drawn += 1
         if sweep:
+            on_lines += len(sweep)
             sweep.sort()
             ax.plot([p[1] for p in sweep], [p[2] for p in sweep], "-o", color=colors.get("MixSD", "C0"), zorder=2,
                     label="MixSD, λ = P(naive token)" + suffix)
@@ -168,7 +170,7 @@ def plot_tradeoff(summaries: Sequence[dict], out: str | Path, efficacy_metric: s
     fig.tight_layout()
     fig.savefig(out, dpi=150)
     plt.close(fig)
-    return {"efficacy": eff_key, "retention": ret_key, "points": drawn, "out": str(out)}
+    return {"efficacy": eff_key, "retention": ret_key, "points": drawn, "sweep_points": on_lines, "out": str(out)}
 
 
 def plot_edit_curve(summaries: Sequence[dict], out: str | Path, efficacy_metric: str = "auto",
