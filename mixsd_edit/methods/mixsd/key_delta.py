@@ -16,9 +16,9 @@ Linear ``W`` (``out × in``) and request ``i``, ``ΔW = Σᵢ uᵢ vᵢᵀ`` whe
 
 With ``isolate_requests`` each ``uᵢ`` is trained on request ``i``'s target only (the other requests'
 changes are switched off on that example's row), so a batch of edits is the sum of the edits each
-request would make alone. Trained jointly instead, the vectors of requests that share a relation can
-together learn a relation-wide rule through the parts of their keys that the relation's other
-subjects share too — the way a batch loses locality that single edits keep (BENCHMARKS.md §12).
+request would make alone. It is an ablation: subject keys share a large common component, so every
+request's key also carries the others' changes; joint training compensates for that on the batch's
+own subjects, and without it a batch of 100 collapses (BENCHMARKS.md §12).
 
 During training the change is applied by forward hooks (``y = W k + U (Vᵀ k)``); afterwards it is
 written into ``W`` once. The caller's :class:`~mixsd_edit.weights.EditTransaction` holds ``W``'s
