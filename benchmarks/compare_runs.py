@@ -47,8 +47,8 @@ def table(folders: list[str]) -> str:
                 unedited_done = True
             cells = [_cell(row, w, k) for _, w, k in COLUMNS]
             wall = row.get("wall_time_s")
-            lines.append(f"| {Path(folder).name} | {label} | " + " | ".join(cells) +
-                         f" | {wall:.0f} |" if wall else f"| {Path(folder).name} | {label} | " + " | ".join(cells) + " | - |")
+            cells.append(f"{wall:.0f}" if wall else "-")
+            lines.append(f"| {Path(folder).name} | {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
