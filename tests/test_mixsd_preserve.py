@@ -86,3 +86,69 @@ def test_missing_preservation_corpus_fails_before_any_model_work(word_tok, tmp_p
     with pytest.raises(StatsError, match="gone.txt"):
         apply_mixsd_to_model(model, word_tok, _reqs(), _hp(tmp_path / "gone.txt", preserve_weight=1.0))
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+# --- preserve_swaps: the same prompt about other names keeps its next token -------------------------------
+
+from mixsd_edit.methods.mixsd import preserve as preserve_mod  # noqa: E402
+from mixsd_edit.methods.mixsd.preserve import entity_names, swap_prompts  # noqa: E402
+
+
+def test_entity_names_takes_capitalised_runs_not_sentence_openers():
+    text = 'Then we visited Paris. The Arctic Ocean is cold. "Please go", said Ann Lee in New York. Paris again.'
+    assert entity_names(text) == ["Paris", "Arctic Ocean", "Ann Lee", "New York"]
+
+
+def test_swap_prompts_replaces_the_last_subject_and_never_uses_a_subject():
+    names = ["Ann Lee", "Bob", "Paris", "Old Paris", "Carl", "Dana"]
+    out = swap_prompts(["Paris is in Paris,", "Bob speaks"], ["Paris", "Bob"], names, 2, seed=0)
+    assert len(out) == 4
+    assert all(o.startswith("Paris is in ") for o in out[:2]) and all(o.endswith(" speaks") for o in out[2:])
+    used = {o[len("Paris is in "):-1] for o in out[:2]} | {o[: -len(" speaks")] for o in out[2:]}
+    assert used <= {"Ann Lee", "Carl", "Dana"}  # "Bob", "Paris", "Old Paris" overlap a subject
+    assert out == swap_prompts(["Paris is in Paris,", "Bob speaks"], ["Paris", "Bob"], names, 2, seed=0)
+    assert out != swap_prompts(["Paris is in Paris,", "Bob speaks"], ["Paris", "Bob"], names, 2, seed=1)
+    with pytest.raises(ValueError, match="preserve_swaps=6"):
+        swap_prompts(["Bob speaks"], ["Bob"], names, 6, seed=0)
+
+
+def test_swaps_need_the_preservation_weight():
+    with pytest.raises(HyperParamsError, match="preserve_swaps"):
+        mixsd_hparams(preserve_swaps=2, preserve_weight=0.0)
+    with pytest.raises(HyperParamsError, match="preserve_swaps"):
+        mixsd_hparams(preserve_swaps=-1)
+
+
+_WORD_NAMES = ["w20", "w21 w22", "w23", "w24", "w25 w26", "w27", "w28", "w29"]
+
+
+def _swap_kl(model, base, tok, reqs, names):
+    """Mean KL(base || model) of the next token after every request prompt with its subject swapped."""
+    prompts = swap_prompts([r["prompt"] for r in reqs], [r["subject"] for r in reqs], names, len(names), seed=0)
+    kl = 0.0
+    with torch.no_grad():
+        for p in prompts:
+            ids = torch.tensor([tok(p)["input_ids"]])
+            lp, lq = (m(input_ids=ids).logits[0, -1].log_softmax(-1) for m in (base, model))
+            kl += float((lp.exp() * (lp - lq)).sum())
+    return kl / len(prompts)
+
+
+def test_swapped_prompts_are_scored_at_their_last_token_and_kept_closer(word_tok, corpus, monkeypatch):
+    monkeypatch.setattr(preserve_mod, "entity_names", lambda text: list(_WORD_NAMES))
+    hp = _hp(corpus, preserve_weight=5.0, preserve_swaps=3, delta="key_rank_one")
+    base = tiny_llama(len(word_tok))
+    pres = PreservationKL(base, word_tok, hp, _reqs())
+    plain = PreservationKL(base, word_tok, _hp(corpus, preserve_weight=5.0), _reqs())
+    assert len(pres.swapped) == 2 * 3
+    assert pres.n_positions == plain.n_positions + 2 * 3  # one scored position per swapped prompt
+    with torch.no_grad():
+        assert float(pres(base)) < 1e-6
+    kls = {}
+    for swaps in (0, 3):
+        model = tiny_llama(len(word_tok))
+        apply_mixsd_to_model(model, word_tok, _reqs(), _hp(corpus, preserve_weight=5.0, preserve_swaps=swaps,
+                                                            delta="key_rank_one", lr=0.2))
+        kls[swaps] = _swap_kl(model, base, word_tok, _reqs(), _WORD_NAMES)
+    assert kls[0] > 1e-4
+    assert kls[3] < 0.8 * kls[0], kls

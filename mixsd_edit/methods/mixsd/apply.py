@@ -39,7 +39,7 @@ def execute_mixsd(model, tok, requests: list[dict], hp: MixSDHyperParams, params
     owners = [i for i, t in enumerate(targets) if t.target_ids]
     examples = [(targets[i].context_ids, targets[i].target_ids) for i in owners]
     cfg = train_config(hp, len(examples))
-    preserve = PreservationKL(model, tok, hp) if hp.preserve_weight > 0 and examples else None
+    preserve = PreservationKL(model, tok, hp, requests) if hp.preserve_weight > 0 and examples else None
     if hp.delta == "full":
         loss_fn = mixsd_loss(preserve, hp.preserve_weight)
         return targets, train_nll(model, params, examples, cfg, pad_id_of(tok), progress=progress, loss_fn=loss_fn)

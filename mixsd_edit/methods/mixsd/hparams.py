@@ -54,6 +54,8 @@ class MixSDHyperParams(HyperParams):
     preserve_dataset: str | None   # text file or model_samples; required when preserve_weight > 0
     preserve_n_tokens: int         # tokens of that text scored at every training step
     preserve_seq_len: int
+    preserve_swaps: int            # + per request, k prompts with the subject swapped for a name from
+                                   #   preserve_dataset, KL at their last position (0 = off)
 
     def validate(self) -> None:
         def bad(field: str, why: str):
@@ -102,6 +104,10 @@ class MixSDHyperParams(HyperParams):
             bad("preserve_dataset", "must name a text file or model_samples when preserve_weight > 0")
         if self.preserve_n_tokens < 1 or self.preserve_seq_len < 2:
             bad("preserve_n_tokens", "must be >= 1 and preserve_seq_len >= 2")
+        if self.preserve_swaps < 0:
+            bad("preserve_swaps", f"must be >= 0, got {self.preserve_swaps}")
+        if self.preserve_swaps > 0 and self.preserve_weight <= 0:
+            bad("preserve_swaps", "needs preserve_weight > 0 (the swapped prompts are part of the preservation term)")
         for b in ("adam_beta1", "adam_beta2"):
             if not 0.0 <= getattr(self, b) < 1.0:
                 bad(b, f"must be in [0, 1), got {getattr(self, b)}")

@@ -15,24 +15,81 @@ the rest (:func:`mixsd_edit.lm_utils.coarse_kl`), so memory stays at positions x
 This is self-distillation on unrelated text: the frozen base model is the teacher there, as the
 expert-with-context is the teacher on the edited prompts. The evaluation's retention suite measures
 KL and perplexity on WikiText-2 *test*; keep ``preserve_dataset`` off that file.
+
+``preserve_swaps: k`` adds, per request, k copies of its naive prompt with the subject replaced by
+another name, scored only at the last position (the next token, where the edited answer would go;
+their mean KL is added to the text's mean KL, both times ``preserve_weight``):
+"the same question about someone else keeps its answer". The names are capitalised word runs taken
+from the same text (:func:`entity_names`), so nothing comes from evaluation data; names equal to
+or containing a subject of the call are left out. This is aimed at what a key-directed edit leaks
+into: other subjects' keys under the same relation (CounterFact's neighbourhood prompts).
 """
 from __future__ import annotations
+
+import random
+import re
+from pathlib import Path
+from typing import Sequence
 
 import torch
 
 from mixsd_edit.lm_utils import coarse_kl, rest_logp
 from mixsd_edit.methods.locate.stats import corpus_file, token_chunks
-from mixsd_edit.prompting import pad_id_of, pad_right
+from mixsd_edit.prompting import PromptFormat, pad_id_of, pad_right
 
 PRESERVE_TOP_K = 256  # base next-token probabilities kept per position (the rest is one bucket)
+_NAME = re.compile(r"\b[A-Z][a-z]+(?: [A-Z][a-z]+){0,2}\b")
+_LEAD = {"The", "A", "An", "In", "On", "At", "Of", "For", "From", "By", "To", "And", "But", "Or", "What", "When",
+         "Where", "Who", "Why", "How", "With", "Now", "Even", "If", "This", "That", "These", "Those", "It", "Its",
+         "He", "She", "They", "We", "You", "I", "His", "Her", "Their", "Our", "My", "Your", "As", "So", "Then"}
+
+
+def entity_names(text: str) -> list[str]:
+    """Capitalised runs of one to three words (leading function words dropped), in first-seen order,
+    without repeats: "The Arctic Ocean" -> "Arctic Ocean". A single word only right after a lower-case
+    word ("visited Paris"), so "Then" or "Please" opening a sentence, line or quote is not taken."""
+    names: dict[str, None] = {}
+    for m in _NAME.finditer(text):
+        words = m.group(0).split(" ")
+        while words and words[0] in _LEAD:
+            words = words[1:]
+        if not words:
+            continue
+        if len(words) == 1:
+            before = text[:m.start()].rstrip(" ")
+            if not before or not before[-1].islower():
+                continue
+        names[" ".join(words)] = None
+    return list(names)
+
+
+def swap_prompts(prompts: Sequence[str], subjects: Sequence[str], names: Sequence[str], k: int,
+                 seed: int) -> list[str]:
+    """Per prompt, ``k`` copies with the LAST occurrence of its subject replaced by a name drawn without
+    replacement (seeded); names that equal, contain or are contained in any subject are never used."""
+    lowered = [s.lower() for s in subjects]
+    pool = [n for n in names if not any(n.lower() in s or s in n.lower() for s in lowered)]
+    if k > 0 and len(pool) < k:
+        raise ValueError(f"preserve_swaps={k} needs at least {k} names; the preservation text has {len(pool)} usable")
+    rng = random.Random(seed)
+    out = []
+    for prompt, subject in zip(prompts, subjects):
+        at = prompt.rfind(subject)
+        if at < 0:
+            continue
+        for name in rng.sample(pool, k):
+            out.append(prompt[:at] + name + prompt[at + len(subject):])
+    return out
 
 
 class PreservationKL:
-    """The base model's next-token distributions on ``preserve_n_tokens`` tokens of ordinary text;
-    calling it on a model gives the mean KL(base ‖ model) over those positions (differentiable)."""
+    """The base model's next-token distributions on ``preserve_n_tokens`` tokens of ordinary text (and,
+    with ``preserve_swaps``, after each subject-swapped prompt); calling it on a model gives the mean
+    KL(base ‖ model) over the text positions plus the mean over the swapped prompts (differentiable;
+    two means, so the swapped prompts weigh as much as the text however many there are)."""
 
     @torch.no_grad()
-    def __init__(self, model, tok, hp, *, cache_dir=None):
+    def __init__(self, model, tok, hp, requests: Sequence[dict] = (), *, cache_dir=None):
         if hp.preserve_dataset is None:
             raise ValueError("preserve_weight > 0 needs preserve_dataset (a text file or model_samples)")
         n_sample = max(hp.key_stats_n_tokens, hp.preserve_n_tokens)  # share the cached sampled corpus
@@ -40,9 +97,18 @@ class PreservationKL:
         seqs = [ids for ids, _ in token_chunks(tok, corpus, hp.preserve_n_tokens, hp.preserve_seq_len)]
         if not seqs:
             raise ValueError(f"preserve_dataset {hp.preserve_dataset!r} gave no text")
+        scored = [len(ids) for ids in seqs]  # score every position of a text window
+        self.swapped = self._swapped_prompts(tok, hp, requests, corpus) if hp.preserve_swaps > 0 else []
+        seqs += self.swapped
         dev = next(model.parameters()).device
         ids, mask = pad_right(seqs, pad_id_of(tok))
         self.ids, self.mask = ids.to(dev), mask.to(dev)
+        score = torch.zeros_like(self.mask)
+        for row, n in enumerate(scored):
+            score[row, :n] = 1
+        for row in range(len(scored), len(seqs)):
+            score[row, len(seqs[row]) - 1] = 1  # swapped prompt: the next token only
+        self.score = score.to(dev)
         was_training = model.training
         model.eval()
         try:
@@ -51,11 +117,27 @@ class PreservationKL:
             model.train(was_training)
         self.top_logp, self.top_idx = logp.topk(min(PRESERVE_TOP_K, logp.shape[-1]), dim=-1)
         self.rest_logp = rest_logp(self.top_logp)
-        self.n_positions = int(self.mask.sum())
+        self.n_positions = int(self.score.sum())
+
+    @staticmethod
+    def _swapped_prompts(tok, hp, requests: Sequence[dict], corpus: Path) -> list[list[int]]:
+        """Token ids of each request's naive context (as MixSD trains on it) with the subject swapped."""
+        fmt = PromptFormat(hp.use_chat_template, hp.system_prompt)
+        naive = [hp.naive_template.format(prompt=r["prompt"], target_new=r["target_new"], subject=r.get("subject", ""))
+                 for r in requests]
+        names = entity_names(corpus.read_text(encoding="utf-8", errors="replace"))
+        subjects = [r.get("subject") or "" for r in requests]
+        keep = [i for i, s in enumerate(subjects) if s]
+        texts = swap_prompts([naive[i] for i in keep], [subjects[i] for i in keep], names, hp.preserve_swaps, hp.seed)
+        return [fmt.context_ids(tok, t) for t in texts]
 
     def __call__(self, model) -> torch.Tensor:
         logp = model(input_ids=self.ids, attention_mask=self.mask).logits.float().log_softmax(-1)
         q_top = logp.gather(-1, self.top_idx)
         kl = coarse_kl(self.top_logp, self.rest_logp, q_top, rest_logp(q_top))
-        m = self.mask.to(kl.dtype)
-        return (kl * m).sum() / m.sum()
+        m = self.score.to(kl.dtype)
+        n_text = len(self.score) - len(self.swapped)
+        text = (kl[:n_text] * m[:n_text]).sum() / m[:n_text].sum()
+        if not self.swapped:
+            return text
+        return text + (kl[n_text:] * m[n_text:]).sum() / m[n_text:].sum()
