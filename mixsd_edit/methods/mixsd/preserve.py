@@ -97,27 +97,36 @@ class PreservationKL:
         seqs = [ids for ids, _ in token_chunks(tok, corpus, hp.preserve_n_tokens, hp.preserve_seq_len)]
         if not seqs:
             raise ValueError(f"preserve_dataset {hp.preserve_dataset!r} gave no text")
-        scored = [len(ids) for ids in seqs]  # score every position of a text window
-        self.swapped = self._swapped_prompts(tok, hp, requests, corpus) if hp.preserve_swaps > 0 else []
-        seqs += self.swapped
         dev = next(model.parameters()).device
         ids, mask = pad_right(seqs, pad_id_of(tok))
         self.ids, self.mask = ids.to(dev), mask.to(dev)
-        score = torch.zeros_like(self.mask)
-        for row, n in enumerate(scored):
-            score[row, :n] = 1
-        for row in range(len(scored), len(seqs)):
-            score[row, len(seqs[row]) - 1] = 1  # swapped prompt: the next token only
-        self.score = score.to(dev)
+        self.swapped = self._swapped_prompts(tok, hp, requests, corpus) if hp.preserve_swaps > 0 else []
+        # swapped prompts in groups of equal length: no padding, and logits only at the last position
+        # (a [prompts, length, vocab] logits tensor of a few hundred prompts does not fit a small machine)
+        by_len: dict[int, list[list[int]]] = {}
+        for s in self.swapped:
+            by_len.setdefault(len(s), []).append(s)
+        self.groups = [torch.tensor(g, device=dev) for _, g in sorted(by_len.items())]
         was_training = model.training
         model.eval()
         try:
-            logp = model(input_ids=self.ids, attention_mask=self.mask).logits.float().log_softmax(-1)
+            logp = self._text_logp(model)
+            last = [self._last_logp(model, g) for g in self.groups]
         finally:
             model.train(was_training)
-        self.top_logp, self.top_idx = logp.topk(min(PRESERVE_TOP_K, logp.shape[-1]), dim=-1)
+        k = min(PRESERVE_TOP_K, logp.shape[-1])
+        self.top_logp, self.top_idx = logp.topk(k, dim=-1)
         self.rest_logp = rest_logp(self.top_logp)
-        self.n_positions = int(self.score.sum())
+        self.group_top = [lp.topk(k, dim=-1) for lp in last]
+        self.group_rest = [rest_logp(t.values) for t in self.group_top]
+        self.n_positions = int(self.mask.sum()) + len(self.swapped)
+
+    def _text_logp(self, model) -> torch.Tensor:
+        return model(input_ids=self.ids, attention_mask=self.mask).logits.float().log_softmax(-1)
+
+    @staticmethod
+    def _last_logp(model, ids: torch.Tensor) -> torch.Tensor:
+        return model(input_ids=ids, logits_to_keep=1).logits[:, -1].float().log_softmax(-1)
 
     @staticmethod
     def _swapped_prompts(tok, hp, requests: Sequence[dict], corpus: Path) -> list[list[int]]:
@@ -132,12 +141,14 @@ class PreservationKL:
         return [fmt.context_ids(tok, t) for t in texts]
 
     def __call__(self, model) -> torch.Tensor:
-        logp = model(input_ids=self.ids, attention_mask=self.mask).logits.float().log_softmax(-1)
-        q_top = logp.gather(-1, self.top_idx)
+        q_top = self._text_logp(model).gather(-1, self.top_idx)
         kl = coarse_kl(self.top_logp, self.rest_logp, q_top, rest_logp(q_top))
-        m = self.score.to(kl.dtype)
-        n_text = len(self.score) - len(self.swapped)
-        text = (kl[:n_text] * m[:n_text]).sum() / m[:n_text].sum()
-        if not self.swapped:
+        m = self.mask.to(kl.dtype)
+        text = (kl * m).sum() / m.sum()
+        if not self.groups:
             return text
-        return text + (kl[n_text:] * m[n_text:]).sum() / m[n_text:].sum()
+        swapped = []
+        for ids, top, rest in zip(self.groups, self.group_top, self.group_rest):
+            q = self._last_logp(model, ids).gather(-1, top.indices)
+            swapped.append(coarse_kl(top.values, rest, q, rest_logp(q)))
+        return text + torch.cat(swapped).mean()
