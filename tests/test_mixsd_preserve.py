@@ -152,3 +152,15 @@ def test_swapped_prompts_are_scored_at_their_last_token_and_kept_closer(word_tok
         kls[swaps] = _swap_kl(model, base, word_tok, _reqs(), _WORD_NAMES)
     assert kls[0] > 1e-4
     assert kls[3] < 0.8 * kls[0], kls
+
+
+def test_swaps_refuse_a_request_without_its_subject_before_any_model_work(word_tok, corpus):
+    from mixsd_edit.data.requests import RequestError
+    model = tiny_llama(len(word_tok))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    reqs = _reqs() + [{"prompt": "Q w5 w6", "target_new": "w30", "subject": "w9"}]
+    with pytest.raises(RequestError, match="request 2: subject 'w9' does not occur"):
+        apply_mixsd_to_model(model, word_tok, reqs, _hp(corpus, preserve_weight=5.0, preserve_swaps=1))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    with pytest.raises(ValueError, match="request 1: subject 'w9' does not occur"):
+        swap_prompts(["Q w3", "Q w5"], ["w3", "w9"], ["w20", "w21"], 1, seed=0)

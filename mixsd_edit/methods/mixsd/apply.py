@@ -93,9 +93,10 @@ def check_mixsd_inputs(model, tok, requests, hparams: MixSDHyperParams, **kwargs
         for name, p in params.items():
             if not name.endswith(".weight") or p.dim() != 2:
                 raise ValueError(f"MixSD delta 'key_rank_one' trains Linear weights only; trainable_params matched {name!r}")
-        subject_key_positions(tok, requests, hparams)
         if hparams.key_stats_dataset is not None:
             check_corpus(hparams.key_stats_dataset)  # a missing corpus fails before any model work
+    if hparams.delta == "key_rank_one" or hparams.preserve_swaps > 0:
+        subject_key_positions(tok, requests, hparams)  # every request's subject occurs in its naive context
     return requests
 
 

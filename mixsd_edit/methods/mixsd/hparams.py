@@ -57,6 +57,15 @@ class MixSDHyperParams(HyperParams):
     preserve_swaps: int            # + per request, k prompts with the subject swapped for a name from
                                    #   preserve_dataset, KL at their last position (0 = off)
 
+    def template_fields(self, request: dict) -> dict[str, str]:
+        """The fields ``naive_template`` and ``expert_template`` are formatted with."""
+        return {"prompt": request["prompt"], "target_new": request["target_new"],
+                "subject": request.get("subject") or ""}
+
+    def naive_text(self, request: dict) -> str:
+        """The request's naive context (before any chat template): what MixSD trains on."""
+        return self.naive_template.format(**self.template_fields(request))
+
     def validate(self) -> None:
         def bad(field: str, why: str):
             raise HyperParamsError(f"MixSD hparams: {field} {why}")

@@ -44,8 +44,9 @@ def subject_key_positions(tok, requests: Sequence[dict], hp) -> tuple[list[list[
     for i, r in enumerate(requests):
         subject = r.get("subject")
         if not subject:
-            raise RequestError(f"request {i}: field 'subject' is missing (MixSD with delta 'key_rank_one' needs it)")
-        naive = hp.naive_template.format(prompt=r["prompt"], target_new=r["target_new"], subject=subject)
+            raise RequestError(f"request {i}: field 'subject' is missing (MixSD with delta 'key_rank_one' "
+                               "or preserve_swaps needs it)")
+        naive = hp.naive_text(r)
         text = fmt.context(tok, naive)
         start = text.rfind(subject)
         if start < 0:

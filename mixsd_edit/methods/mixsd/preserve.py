@@ -66,17 +66,18 @@ def entity_names(text: str) -> list[str]:
 def swap_prompts(prompts: Sequence[str], subjects: Sequence[str], names: Sequence[str], k: int,
                  seed: int) -> list[str]:
     """Per prompt, ``k`` copies with the LAST occurrence of its subject replaced by a name drawn without
-    replacement (seeded); names that equal, contain or are contained in any subject are never used."""
+    replacement (seeded); names that equal, contain or are contained in any subject are never used.
+    A prompt without its subject is an error (the editor checks this before any model work)."""
     lowered = [s.lower() for s in subjects]
     pool = [n for n in names if not any(n.lower() in s or s in n.lower() for s in lowered)]
     if k > 0 and len(pool) < k:
         raise ValueError(f"preserve_swaps={k} needs at least {k} names; the preservation text has {len(pool)} usable")
     rng = random.Random(seed)
     out = []
-    for prompt, subject in zip(prompts, subjects):
-        at = prompt.rfind(subject)
+    for i, (prompt, subject) in enumerate(zip(prompts, subjects)):
+        at = prompt.rfind(subject) if subject else -1
         if at < 0:
-            continue
+            raise ValueError(f"request {i}: subject {subject!r} does not occur in {prompt!r}, nothing to swap")
         for name in rng.sample(pool, k):
             out.append(prompt[:at] + name + prompt[at + len(subject):])
     return out
@@ -132,12 +133,9 @@ class PreservationKL:
     def _swapped_prompts(tok, hp, requests: Sequence[dict], corpus: Path) -> list[list[int]]:
         """Token ids of each request's naive context (as MixSD trains on it) with the subject swapped."""
         fmt = PromptFormat(hp.use_chat_template, hp.system_prompt)
-        naive = [hp.naive_template.format(prompt=r["prompt"], target_new=r["target_new"], subject=r.get("subject", ""))
-                 for r in requests]
         names = entity_names(corpus.read_text(encoding="utf-8", errors="replace"))
-        subjects = [r.get("subject") or "" for r in requests]
-        keep = [i for i, s in enumerate(subjects) if s]
-        texts = swap_prompts([naive[i] for i in keep], [subjects[i] for i in keep], names, hp.preserve_swaps, hp.seed)
+        texts = swap_prompts([hp.naive_text(r) for r in requests], [r["subject"] for r in requests], names,
+                             hp.preserve_swaps, hp.seed)
         return [fmt.context_ids(tok, t) for t in texts]
 
     def __call__(self, model) -> torch.Tensor:

@@ -216,9 +216,8 @@ def build_mixed_targets(model, tok, requests: Sequence[dict], hp, *, batch_size:
     stop = is_newline if hp.stop_at_newline else None
     naive, expert, checks, keys = [], [], [], []
     for r in requests:
-        fields = {"prompt": r["prompt"], "target_new": r["target_new"], "subject": r.get("subject") or ""}
-        naive.append(fmt.context_ids(tok, hp.naive_template.format(**fields)))
-        expert.append(fmt.context_ids(tok, hp.expert_template.format(**fields)))
+        naive.append(fmt.context_ids(tok, hp.naive_text(r)))
+        expert.append(fmt.context_ids(tok, hp.expert_template.format(**hp.template_fields(r))))
         checks.append(_answer_check(tok, r["target_new"]))
         keys.append(f"{r['prompt']}\x1f{r['target_new']}")
     common = dict(mix_lambda=hp.mix_lambda, temperature=hp.temperature, top_k=hp.top_k,
