@@ -13,6 +13,9 @@ facts):
 A held-out subject's output moves by sum_i (v_iᵀ h) u_i: the signed sum is the systematic part, sumsq
 the part that grows with the number of edits even when the u_i are unrelated.
 
+With --names k --name-weights w1,w2,... it adds rows for ``subject_key_names: k`` / ``subject_key_weight: w``
+(C + w·E[h hᵀ] over the keys of k model-sampled names swapped into each batch prompt; with exclude_batch_mean).
+
     PYTHONPATH=. python3 benchmarks/subject_overlap.py --batch 500:600 --held-out 700:800 --layers 4,6,9
 """
 from __future__ import annotations
@@ -20,13 +23,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from mixsd_edit.data.requests import normalize_requests
 from mixsd_edit.methods.mixsd import MixSDHyperParams
-from mixsd_edit.methods.mixsd.apply import key_covariances
+from mixsd_edit.methods.mixsd.apply import edit_key_covariances, key_covariances
 from mixsd_edit.methods.mixsd.key_delta import key_directions, subject_keys
 from mixsd_edit.models import load_model_and_tokenizer
 
@@ -42,6 +46,8 @@ def main(argv=None):
     ap.add_argument("--held-out", default="700:800")
     ap.add_argument("--layers", default="4,6,9")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--names", type=int, default=0, help="subject_key_names for the extra rows (0: none)")
+    ap.add_argument("--name-weights", default="1,10", help="subject_key_weight values for the extra rows")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     hp = MixSDHyperParams.from_hparams(str(ROOT / "hparams" / "MixSD" / args.model))
@@ -57,6 +63,9 @@ def main(argv=None):
     K = subject_keys(model, tok, requests(args.batch), hp, mods)
     H = subject_keys(model, tok, requests(args.held_out), hp, mods)
     covs = key_covariances(model, tok, hp, mods)
+    weights = [float(w) for w in args.name_weights.split(",")] if args.names > 0 else []
+    augmented = {w: edit_key_covariances(model, tok, replace(hp, subject_key_names=args.names, subject_key_weight=w),
+                                         mods, requests(args.batch)) for w in weights}
     print(f"key statistics: {hp.key_stats_dataset} ({hp.key_stats_n_tokens} tokens); batch {args.batch}, "
           f"held-out subjects {args.held_out}")
     print("| layer | directions | offrow | held-out sum | held-out sumsq | generic |")
@@ -64,8 +73,10 @@ def main(argv=None):
     for m in mods:
         k, h = K[m].double(), H[m].double()
         C = covs.get(m)
-        for name, excl in (("v_i = C⁻¹k_i/(k_iᵀC⁻¹k_i)", False), ("exclude_batch_mean", True)):
-            V = key_directions(K[m], C, exclude_batch_mean=excl).double()
+        rows = [("v_i = C⁻¹k_i/(k_iᵀC⁻¹k_i)", C, False), ("exclude_batch_mean", C, True)]
+        rows += [(f"exclude_batch_mean + names {args.names} x w={w:g}", augmented[w][m], True) for w in weights]
+        for name, cov, excl in rows:
+            V = key_directions(K[m], cov, exclude_batch_mean=excl).double()
             G = k @ V
             off = (G - torch.diag(torch.diag(G))).sum(1).mean()
             P = h @ V

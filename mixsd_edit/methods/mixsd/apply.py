@@ -6,11 +6,12 @@ import math
 from typing import Any, Sequence
 
 from mixsd_edit.data.requests import normalize_requests
-from mixsd_edit.methods.locate.stats import check_corpus, second_moments
+from mixsd_edit.methods.locate.stats import check_corpus, corpus_file, second_moments
 from mixsd_edit.methods.mixsd.hparams import MixSDHyperParams
 from mixsd_edit.methods.mixsd.key_delta import (KeyDirectedDelta, key_directions, subject_key_positions,
-                                                subject_keys)
+                                                subject_keys, swapped_subject_moments)
 from mixsd_edit.methods.mixsd.preserve import PreservationKL
+from mixsd_edit.methods.mixsd.swaps import entity_names
 from mixsd_edit.methods.mixsd.targets import MixedTarget, build_mixed_targets
 from mixsd_edit.prompting import pad_id_of
 from mixsd_edit.training import Example, LossFn, TrainConfig, TrainReport, target_nll_loss, train_nll
@@ -46,7 +47,7 @@ def execute_mixsd(model, tok, requests: list[dict], hp: MixSDHyperParams, params
     # key_rank_one: train one vector per request and matrix, then write U Vᵀ into the weights
     modules = [n[: -len(".weight")] for n in params]
     keys = subject_keys(model, tok, requests, hp, modules)
-    covs = key_covariances(model, tok, hp, modules)
+    covs = edit_key_covariances(model, tok, hp, modules, requests)
     delta = KeyDirectedDelta(model, {m: key_directions(keys[m], covs.get(m), hp.exclude_batch_mean) for m in modules})
     owner_of = {id(ex): i for ex, i in zip(examples, owners)} if hp.isolate_requests else None
     loss_fn = mixsd_loss(preserve, hp.preserve_weight, delta, owner_of)
@@ -68,6 +69,19 @@ def mixsd_loss(preserve: PreservationKL | None, weight: float, delta: KeyDirecte
                 nll = target_nll_loss(model, batch, pad_id, device)
         return nll if preserve is None else nll + weight * preserve(model)
     return loss
+
+
+def edit_key_covariances(model, tok, hp: MixSDHyperParams, modules: list[str], requests: Sequence[dict]) -> dict:
+    """:func:`key_covariances`, plus ``subject_key_weight`` x the second moments of other names' keys in
+    the requests' prompts when ``subject_key_names`` > 0 (new tensors; the cached ones are not touched)."""
+    covs = key_covariances(model, tok, hp, modules)
+    if hp.subject_key_names <= 0:
+        return covs
+    n_sample = max(hp.key_stats_n_tokens, hp.preserve_n_tokens)  # the same corpus file as key stats / preserve
+    corpus = corpus_file(model, tok, hp.key_stats_dataset, n_sample, hp.key_stats_seq_len)
+    names = entity_names(corpus.read_text(encoding="utf-8", errors="replace"))
+    extra = swapped_subject_moments(model, tok, requests, hp, modules, names)
+    return {m: covs[m] + hp.subject_key_weight * extra[m].to(covs[m].dtype) for m in modules}
 
 
 def key_covariances(model, tok, hp: MixSDHyperParams, modules: list[str]) -> dict:

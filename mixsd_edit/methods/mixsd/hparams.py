@@ -49,6 +49,9 @@ class MixSDHyperParams(HyperParams):
     key_stats_seq_len: int
     isolate_requests: bool         # key_rank_one: request i's vector trains on request i's target only
     exclude_batch_mean: bool       # key_rank_one: v_i ⟂ mean key of the other requests (see key_directions)
+    subject_key_names: int         # key_rank_one: per request, k copies of its prompt with the subject swapped
+                                   #   for a name from key_stats_dataset; their keys' E[k kᵀ] is added to C
+    subject_key_weight: float      #   ... times this weight (C + w·E[k_name k_nameᵀ]; see key_delta.py)
     # --- preservation (methods/mixsd/preserve.py): + preserve_weight x KL(base || edited) on ordinary text
     preserve_weight: float         # 0 = off (the paper's objective)
     preserve_dataset: str | None   # text file or model_samples; required when preserve_weight > 0
@@ -107,6 +110,15 @@ class MixSDHyperParams(HyperParams):
         for flag in ("isolate_requests", "exclude_batch_mean"):
             if getattr(self, flag) and self.delta != "key_rank_one":
                 bad(flag, "needs delta 'key_rank_one' (full fine-tuning has no per-request part)")
+        if self.subject_key_names < 0:
+            bad("subject_key_names", f"must be >= 0, got {self.subject_key_names}")
+        if self.subject_key_weight < 0:
+            bad("subject_key_weight", f"must be >= 0, got {self.subject_key_weight}")
+        if self.subject_key_names > 0:
+            if self.delta != "key_rank_one" or self.key_stats_dataset is None:
+                bad("subject_key_names", "needs delta 'key_rank_one' and a key_stats_dataset (the names come from it)")
+            if self.subject_key_weight <= 0:
+                bad("subject_key_weight", "must be > 0 when subject_key_names > 0")
         if self.preserve_weight < 0:
             bad("preserve_weight", f"must be >= 0, got {self.preserve_weight}")
         if self.preserve_weight > 0 and self.preserve_dataset is None:

@@ -20,6 +20,13 @@ request would make alone. It is an ablation: subject keys share a large common c
 request's key also carries the others' changes; joint training compensates for that on the batch's
 own subjects, and without it a batch of 100 collapses (BENCHMARKS.md §12).
 
+``subject_key_names: k`` (with ``subject_key_weight: w``) whitens that common component away in
+closed form: per request, k copies of its prompt with the subject swapped for a name taken from the
+key-statistics text (:mod:`~mixsd_edit.methods.mixsd.swaps`) give keys ``h`` at the name's last token,
+and the directions use ``C + w·E[h hᵀ]`` instead of ``C`` — MEMIT's "keep these keys' outputs" term,
+with the keys of other subjects in the same prompts instead of ordinary text. A neighbour's key then
+reaches less of each change (``benchmarks/subject_overlap.py`` measures it).
+
 During training the change is applied by forward hooks (``y = W k + U (Vᵀ k)``); afterwards it is
 written into ``W`` once. The caller's :class:`~mixsd_edit.weights.EditTransaction` holds ``W``'s
 original value, so restore stays bit-exact.
@@ -33,6 +40,7 @@ import torch
 
 from mixsd_edit.data.requests import RequestError
 from mixsd_edit.methods.locate.repr import capture_at_positions, encode_with_lookup, module_by_name
+from mixsd_edit.methods.mixsd.swaps import swap_pairs
 from mixsd_edit.prompting import PromptFormat, pad_id_of
 
 
@@ -67,6 +75,25 @@ def subject_keys(model, tok, requests: Sequence[dict], hp, modules: Sequence[str
     seqs, positions = subject_key_positions(tok, requests, hp)
     got = capture_at_positions(model, seqs, positions, pad_id_of(tok), inputs_of=list(modules))
     return {m: got[("in", m)] for m in modules}
+
+
+def name_swapped_requests(requests: Sequence[dict], names: Sequence[str], k: int, seed: int) -> list[dict]:
+    """Per request, ``k`` requests whose prompt has the subject swapped for a name (seeded), with that
+    name as the subject: their subject keys are other subjects' keys in the same contexts."""
+    pairs = swap_pairs([r["prompt"] for r in requests], [r["subject"] for r in requests], names, k, seed,
+                       what="subject_key_names")
+    owners = [r for r in requests for _ in range(k)]
+    return [{"prompt": text, "subject": name, "target_new": r["target_new"]} for (text, name), r in zip(pairs, owners)]
+
+
+@torch.no_grad()
+def swapped_subject_moments(model, tok, requests: Sequence[dict], hp, modules: Sequence[str],
+                            names: Sequence[str]) -> dict[str, torch.Tensor]:
+    """``{module: E[h hᵀ]}`` (float64) over the keys ``h`` of ``hp.subject_key_names`` name-swapped copies
+    of each request's prompt (seed ``hp.seed + 1``, so not the names ``preserve_swaps`` draws)."""
+    swapped = name_swapped_requests(requests, names, hp.subject_key_names, hp.seed + 1)
+    keys = subject_keys(model, tok, swapped, hp, modules)
+    return {m: (h.double().T @ h.double()) / h.shape[0] for m, h in keys.items()}
 
 
 def key_directions(keys: torch.Tensor, cov: torch.Tensor | None, exclude_batch_mean: bool = False) -> torch.Tensor:

@@ -26,8 +26,6 @@ into: other subjects' keys under the same relation (CounterFact's neighbourhood 
 """
 from __future__ import annotations
 
-import random
-import re
 from pathlib import Path
 from typing import Sequence
 
@@ -35,54 +33,10 @@ import torch
 
 from mixsd_edit.lm_utils import coarse_kl, rest_logp
 from mixsd_edit.methods.locate.stats import corpus_file, token_chunks
+from mixsd_edit.methods.mixsd.swaps import entity_names, swap_prompts  # noqa: F401 (re-exported)
 from mixsd_edit.prompting import PromptFormat, pad_id_of, pad_right
 
 PRESERVE_TOP_K = 256  # base next-token probabilities kept per position (the rest is one bucket)
-_NAME = re.compile(r"\b[A-Z][a-z]+(?: [A-Z][a-z]+){0,2}\b")
-_LEAD = {"The", "A", "An", "In", "On", "At", "Of", "For", "From", "By", "To", "And", "But", "Or", "What", "When",
-         "Where", "Who", "Why", "How", "With", "Now", "Even", "If", "This", "That", "These", "Those", "It", "Its",
-         "He", "She", "They", "We", "You", "I", "His", "Her", "Their", "Our", "My", "Your", "As", "So", "Then"}
-
-
-def entity_names(text: str) -> list[str]:
-    """Capitalised runs of one to three words (leading function words dropped), in first-seen order,
-    without repeats: "The Arctic Ocean" -> "Arctic Ocean". A single word only right after a lower-case
-    word ("visited Paris"), so "Then" or "Please" opening a sentence, line or quote is not taken."""
-    names: dict[str, None] = {}
-    for m in _NAME.finditer(text):
-        words = m.group(0).split(" ")
-        while words and words[0] in _LEAD:
-            words = words[1:]
-        if not words:
-            continue
-        if len(words) == 1:
-            before = text[:m.start()].rstrip(" ")
-            if not before or not before[-1].islower():
-                continue
-        names[" ".join(words)] = None
-    return list(names)
-
-
-def swap_prompts(prompts: Sequence[str], subjects: Sequence[str], names: Sequence[str], k: int,
-                 seed: int) -> list[str]:
-    """Per prompt, ``k`` copies with the LAST occurrence of its subject replaced by a name drawn without
-    replacement (seeded); names that equal, contain or are contained in any subject are never used.
-    A prompt without its subject is an error (the editor checks this before any model work)."""
-    lowered = [s.lower() for s in subjects]
-    pool = [n for n in names if not any(n.lower() in s or s in n.lower() for s in lowered)]
-    if k > 0 and len(pool) < k:
-        raise ValueError(f"preserve_swaps={k} needs at least {k} names; the preservation text has {len(pool)} usable")
-    rng = random.Random(seed)
-    out = []
-    for i, (prompt, subject) in enumerate(zip(prompts, subjects)):
-        at = prompt.rfind(subject) if subject else -1
-        if at < 0:
-            raise ValueError(f"request {i}: subject {subject!r} does not occur in {prompt!r}, nothing to swap")
-        for name in rng.sample(pool, k):
-            out.append(prompt[:at] + name + prompt[at + len(subject):])
-    return out
-
-
 class PreservationKL:
     """The base model's next-token distributions on ``preserve_n_tokens`` tokens of ordinary text (and,
     with ``preserve_swaps``, after each subject-swapped prompt); calling it on a model gives the mean
