@@ -125,7 +125,8 @@ def mixsd_hparams(**overrides):
                 grad_clip=1.0, norm_constraint=None, early_stop_loss=None, delta="full", key_stats_dataset=None,
                 key_stats_n_tokens=100000, key_stats_seq_len=256, isolate_requests=False, exclude_batch_mean=False,
                 subject_key_names=0, subject_key_weight=0.0, preserve_weight=0.0, preserve_dataset=None,
-                preserve_n_tokens=512, preserve_seq_len=128, preserve_swaps=0)
+                preserve_n_tokens=512, preserve_seq_len=128, preserve_swaps=0,
+                preserve_swap_positions="last")
     base.update(overrides)
     return MixSDHyperParams.from_dict(base)
 

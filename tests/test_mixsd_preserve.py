@@ -91,7 +91,7 @@ def test_missing_preservation_corpus_fails_before_any_model_work(word_tok, tmp_p
 # --- preserve_swaps: the same prompt about other names keeps its next token -------------------------------
 
 from mixsd_edit.methods.mixsd import preserve as preserve_mod  # noqa: E402
-from mixsd_edit.methods.mixsd.preserve import entity_names, swap_prompts  # noqa: E402
+from mixsd_edit.methods.mixsd.preserve import entity_names, swap_pairs, swap_prompts  # noqa: E402
 
 
 def test_entity_names_takes_capitalised_runs_not_sentence_openers():
@@ -164,3 +164,43 @@ def test_swaps_refuse_a_request_without_its_subject_before_any_model_work(word_t
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     with pytest.raises(ValueError, match="request 1: subject 'w9' does not occur"):
         swap_prompts(["Q w3", "Q w5"], ["w3", "w9"], ["w20", "w21"], 1, seed=0)
+
+
+def test_after_subject_scores_every_position_from_the_name_on(word_tok, corpus, monkeypatch):
+    """``preserve_swap_positions: after_subject``: the swapped term is the mean KL over every (prompt,
+    position) pair from the name's last token to the end, computed here by hand on full logits."""
+    monkeypatch.setattr(preserve_mod, "entity_names", lambda text: list(_WORD_NAMES))
+    base = tiny_llama(len(word_tok))
+    hp = _hp(corpus, preserve_weight=5.0, preserve_swaps=3, preserve_swap_positions="after_subject")
+    pres = PreservationKL(base, word_tok, hp, _reqs())
+    last = PreservationKL(base, word_tok, _hp(corpus, preserve_weight=5.0, preserve_swaps=3), _reqs())
+    plain = PreservationKL(base, word_tok, _hp(corpus, preserve_weight=5.0), _reqs())
+    pairs = swap_pairs([r["prompt"] for r in _reqs()], [r["subject"] for r in _reqs()], _WORD_NAMES, 3, seed=42)
+    spans = []  # (ids, index of the name's last token)
+    for text, name in pairs:
+        ids = word_tok(text)["input_ids"]
+        head = word_tok(text[:text.rfind(name) + len(name)])["input_ids"]
+        spans.append((ids, len(head) - 1))
+    assert any(len(ids) - 1 - first >= 1 for ids, first in spans)  # some prompt has positions after the name
+    assert pres.n_positions == plain.n_positions + sum(len(ids) - first for ids, first in spans)
+    assert last.n_positions == plain.n_positions + len(spans)
+    model = tiny_llama(len(word_tok))
+    with torch.no_grad():
+        assert float(pres(base)) < 1e-6
+        w = model.model.layers[0].mlp.down_proj.weight
+        w.add_(0.5 * torch.randn(w.shape, generator=torch.Generator().manual_seed(0)))
+        kls = []
+        for ids, first in spans:
+            x = torch.tensor([ids])
+            lp, lq = (m(input_ids=x).logits[0, first:].float().log_softmax(-1) for m in (base, model))
+            kls.extend((lp.exp() * (lp - lq)).sum(-1).tolist())
+        expected = sum(kls) / len(kls)
+        got = float(pres(model)) - float(plain(model))
+        last_only = float(last(model)) - float(plain(model))
+    assert got == pytest.approx(expected, rel=1e-3, abs=1e-5)
+    assert abs(last_only - expected) > 1e-4  # the last position alone gives another mean
+
+
+def test_swap_positions_must_be_known():
+    with pytest.raises(HyperParamsError, match="preserve_swap_positions"):
+        mixsd_hparams(preserve_swap_positions="everywhere")

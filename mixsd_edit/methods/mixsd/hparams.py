@@ -7,6 +7,7 @@ from typing import ClassVar
 from mixsd_edit.hparams import HyperParams, HyperParamsError
 
 FALLBACKS = ("forced_prefix", "skip", "error")
+SWAP_POSITIONS = ("last", "after_subject")
 DELTAS = ("full", "key_rank_one")
 
 
@@ -59,6 +60,7 @@ class MixSDHyperParams(HyperParams):
     preserve_seq_len: int
     preserve_swaps: int            # + per request, k prompts with the subject swapped for a name from
                                    #   preserve_dataset, KL at their last position (0 = off)
+    preserve_swap_positions: str   # last | after_subject: which positions of a swapped prompt are scored
 
     def template_fields(self, request: dict) -> dict[str, str]:
         """The fields ``naive_template`` and ``expert_template`` are formatted with."""
@@ -129,6 +131,8 @@ class MixSDHyperParams(HyperParams):
             bad("preserve_swaps", f"must be >= 0, got {self.preserve_swaps}")
         if self.preserve_swaps > 0 and self.preserve_weight <= 0:
             bad("preserve_swaps", "needs preserve_weight > 0 (the swapped prompts are part of the preservation term)")
+        if self.preserve_swap_positions not in SWAP_POSITIONS:
+            bad("preserve_swap_positions", f"must be one of {SWAP_POSITIONS}, got '{self.preserve_swap_positions}'")
         for b in ("adam_beta1", "adam_beta2"):
             if not 0.0 <= getattr(self, b) < 1.0:
                 bad(b, f"must be in [0, 1), got {getattr(self, b)}")

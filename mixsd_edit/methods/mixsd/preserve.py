@@ -23,6 +23,10 @@ their mean KL is added to the text's mean KL, both times ``preserve_weight``):
 from the same text (:func:`entity_names`), so nothing comes from evaluation data; names equal to
 or containing a subject of the call are left out. This is aimed at what a key-directed edit leaks
 into: other subjects' keys under the same relation (CounterFact's neighbourhood prompts).
+``preserve_swap_positions: after_subject`` scores every position of a swapped prompt from the name's
+last token on instead of the last one only ("Ann Lee| professionally| plays| the| sport|"), so the
+shorter phrasings of the same relation that neighbours are asked in ("X plays") are kept too; each
+(prompt, position) pair weighs the same in the swapped prompts' mean.
 """
 from __future__ import annotations
 
@@ -33,7 +37,8 @@ import torch
 
 from mixsd_edit.lm_utils import coarse_kl, rest_logp
 from mixsd_edit.methods.locate.stats import corpus_file, token_chunks
-from mixsd_edit.methods.mixsd.swaps import entity_names, swap_prompts  # noqa: F401 (re-exported)
+from mixsd_edit.methods.locate.repr import encode_with_lookup
+from mixsd_edit.methods.mixsd.swaps import entity_names, swap_pairs, swap_prompts  # noqa: F401 (re-exported)
 from mixsd_edit.prompting import PromptFormat, pad_id_of, pad_right
 
 PRESERVE_TOP_K = 256  # base next-token probabilities kept per position (the rest is one bucket)
@@ -56,41 +61,60 @@ class PreservationKL:
         ids, mask = pad_right(seqs, pad_id_of(tok))
         self.ids, self.mask = ids.to(dev), mask.to(dev)
         self.swapped = self._swapped_prompts(tok, hp, requests, corpus) if hp.preserve_swaps > 0 else []
-        # swapped prompts in groups of equal length: no padding, and logits only at the last position
+        # swapped prompts in groups of equal length: no padding, and logits only at the scored tail
         # (a [prompts, length, vocab] logits tensor of a few hundred prompts does not fit a small machine)
-        by_len: dict[int, list[list[int]]] = {}
-        for s in self.swapped:
-            by_len.setdefault(len(s), []).append(s)
-        self.groups = [torch.tensor(g, device=dev) for _, g in sorted(by_len.items())]
+        by_len: dict[int, list[tuple[list[int], int]]] = {}
+        for ids_, first in self.swapped:
+            by_len.setdefault(len(ids_), []).append((ids_, first))
+        self.groups, self.group_masks = [], []
+        for length, g in sorted(by_len.items()):
+            keep = length - min(first for _, first in g)  # positions scored in this group, from the end
+            self.groups.append(torch.tensor([ids_ for ids_, _ in g], device=dev))
+            # row r scores the tail positions at or after its own first scored position
+            self.group_masks.append(torch.tensor([[length - keep + j >= first for j in range(keep)] for _, first in g],
+                                                 device=dev))
         was_training = model.training
         model.eval()
         try:
             logp = self._text_logp(model)
-            last = [self._last_logp(model, g) for g in self.groups]
+            tails = [self._tail_logp(model, g, m.shape[1]) for g, m in zip(self.groups, self.group_masks)]
         finally:
             model.train(was_training)
         k = min(PRESERVE_TOP_K, logp.shape[-1])
         self.top_logp, self.top_idx = logp.topk(k, dim=-1)
         self.rest_logp = rest_logp(self.top_logp)
-        self.group_top = [lp.topk(k, dim=-1) for lp in last]
+        self.group_top = [lp.topk(k, dim=-1) for lp in tails]
         self.group_rest = [rest_logp(t.values) for t in self.group_top]
-        self.n_positions = int(self.mask.sum()) + len(self.swapped)
+        self.n_positions = int(self.mask.sum()) + sum(int(m.sum()) for m in self.group_masks)
 
     def _text_logp(self, model) -> torch.Tensor:
         return model(input_ids=self.ids, attention_mask=self.mask).logits.float().log_softmax(-1)
 
     @staticmethod
-    def _last_logp(model, ids: torch.Tensor) -> torch.Tensor:
-        return model(input_ids=ids, logits_to_keep=1).logits[:, -1].float().log_softmax(-1)
+    def _tail_logp(model, ids: torch.Tensor, keep: int) -> torch.Tensor:
+        """[prompts, keep, vocab] next-token log-probs at the last ``keep`` positions."""
+        return model(input_ids=ids, logits_to_keep=keep).logits[:, -keep:].float().log_softmax(-1)
 
     @staticmethod
-    def _swapped_prompts(tok, hp, requests: Sequence[dict], corpus: Path) -> list[list[int]]:
-        """Token ids of each request's naive context (as MixSD trains on it) with the subject swapped."""
+    def _swapped_prompts(tok, hp, requests: Sequence[dict], corpus: Path) -> list[tuple[list[int], int]]:
+        """(token ids, first scored position) of each request's naive context (as MixSD trains on it) with
+        the subject swapped: the last position, or with ``after_subject`` the name's last token."""
         fmt = PromptFormat(hp.use_chat_template, hp.system_prompt)
         names = entity_names(corpus.read_text(encoding="utf-8", errors="replace"))
-        texts = swap_prompts([hp.naive_text(r) for r in requests], [r["subject"] for r in requests], names,
-                             hp.preserve_swaps, hp.seed)
-        return [fmt.context_ids(tok, t) for t in texts]
+        pairs = swap_pairs([hp.naive_text(r) for r in requests], [r["subject"] for r in requests], names,
+                           hp.preserve_swaps, hp.seed)
+        out = []
+        for text, name in pairs:
+            if hp.preserve_swap_positions == "last":
+                ids = fmt.context_ids(tok, text)
+                out.append((ids, len(ids) - 1))
+                continue
+            context = fmt.context(tok, text)
+            start = context.rfind(name)
+            ids, first = encode_with_lookup(tok, context, (start, start + len(name)), "subject_last",
+                                            add_special_tokens=not hp.use_chat_template)
+            out.append((ids, first))
+        return out
 
     def __call__(self, model) -> torch.Tensor:
         q_top = self._text_logp(model).gather(-1, self.top_idx)
@@ -100,7 +124,7 @@ class PreservationKL:
         if not self.groups:
             return text
         swapped = []
-        for ids, top, rest in zip(self.groups, self.group_top, self.group_rest):
-            q = self._last_logp(model, ids).gather(-1, top.indices)
-            swapped.append(coarse_kl(top.values, rest, q, rest_logp(q)))
+        for ids, mask, top, rest in zip(self.groups, self.group_masks, self.group_top, self.group_rest):
+            q = self._tail_logp(model, ids, mask.shape[1]).gather(-1, top.indices)
+            swapped.append(coarse_kl(top.values, rest, q, rest_logp(q))[mask])
         return text + torch.cat(swapped).mean()
