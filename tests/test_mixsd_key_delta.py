@@ -178,3 +178,42 @@ def test_isolate_requests_needs_key_rank_one():
 
     with pytest.raises(HyperParamsError, match="isolate_requests"):
         mixsd_hparams(delta="full", isolate_requests=True)
+
+
+def test_mean_sq_norm_is_the_mean_over_requests_of_each_requests_squared_change(word_tok):
+    model = tiny_llama(len(word_tok))
+    mods = [DOWN.format(0), DOWN.format(1)]
+    keys = subject_keys(model, word_tok, _reqs(), mixsd_hparams(delta="key_rank_one"), mods)
+    delta = KeyDirectedDelta(model, {m: key_directions(keys[m], None) for m in mods})
+    with torch.no_grad():
+        delta.U[mods[0]][:, 0] = 1.0   # request 0: |u|² = out on layer 0
+        delta.U[mods[1]][0, 1] = 3.0   # request 1: 9 on layer 1
+    out = delta.U[mods[0]].shape[0]
+    assert float(delta.mean_sq_norm().detach()) == pytest.approx((out + 9.0) / 2)
+
+
+def test_delta_l2_gives_a_smaller_change_that_still_learns(word_tok):
+    """The penalty shrinks every request's vector (and so the change any other key receives) while the
+    target is still learned; off, the result is the unpenalised one."""
+    def run(l2):
+        model = tiny_llama(len(word_tok), seed=2)
+        hp = mixsd_hparams(delta="key_rank_one", lr=0.1, num_steps=30, layers=(0, 1), early_stop_loss=None,
+                           delta_l2=l2)
+        meta = []
+        _, wc = apply_mixsd_to_model(model, word_tok, _reqs(), hp, return_orig_weights=True, metadata_out=meta)
+        size = sum(float((model.get_parameter(k).detach() - wc[k]).norm()) ** 2 for k in wc) ** 0.5
+        return size, meta
+
+    plain, meta0 = run(0.0)
+    small, meta1 = run(1e-2)
+    assert small < 0.8 * plain
+    assert meta1[0]["train_loss_final"] < meta1[0]["train_loss_first"]
+
+
+@pytest.mark.parametrize("kw, match", [({"delta_l2": -1.0}, "delta_l2 must be >= 0"),
+                                       ({"delta_l2": 0.1, "delta": "full"}, "delta_l2 needs delta 'key_rank_one'")])
+def test_delta_l2_values_are_checked(kw, match):
+    from mixsd_edit.hparams import HyperParamsError
+
+    with pytest.raises(HyperParamsError, match=match):
+        mixsd_hparams(**{"delta": "key_rank_one", **kw})

@@ -50,7 +50,7 @@ def execute_mixsd(model, tok, requests: list[dict], hp: MixSDHyperParams, params
     covs = edit_key_covariances(model, tok, hp, modules, requests)
     delta = KeyDirectedDelta(model, {m: key_directions(keys[m], covs.get(m), hp.exclude_batch_mean) for m in modules})
     owner_of = {id(ex): i for ex, i in zip(examples, owners)} if hp.isolate_requests else None
-    loss_fn = mixsd_loss(preserve, hp.preserve_weight, delta, owner_of)
+    loss_fn = mixsd_loss(preserve, hp.preserve_weight, delta, owner_of, hp.delta_l2)
     with delta.attached():
         report = train_nll(model, delta.params, examples, cfg, pad_id_of(tok), progress=progress, loss_fn=loss_fn)
     delta.write_into_weights()
@@ -58,16 +58,21 @@ def execute_mixsd(model, tok, requests: list[dict], hp: MixSDHyperParams, params
 
 
 def mixsd_loss(preserve: PreservationKL | None, weight: float, delta: KeyDirectedDelta | None = None,
-               owner_of: dict[int, int] | None = None) -> LossFn:
+               owner_of: dict[int, int] | None = None, l2: float = 0.0) -> LossFn:
     """NLL of the mixed targets (with ``owner_of``: each example's row sees only its own request's
-    key-directed change), plus ``weight`` x the preservation KL (with every change switched on)."""
+    key-directed change), plus ``weight`` x the preservation KL (with every change switched on), plus
+    ``l2`` x the mean squared size of the requests' changes (:meth:`KeyDirectedDelta.mean_sq_norm`)."""
+    if l2 > 0 and delta is None:
+        raise ValueError("delta_l2 needs the key-directed change (delta 'key_rank_one')")
+
     def loss(model, batch: Sequence[Example], pad_id: int, device):
         if owner_of is None:
             nll = target_nll_loss(model, batch, pad_id, device)
         else:
             with delta.only_own_request([owner_of[id(ex)] for ex in batch]):
                 nll = target_nll_loss(model, batch, pad_id, device)
-        return nll if preserve is None else nll + weight * preserve(model)
+        total = nll if preserve is None else nll + weight * preserve(model)
+        return total + l2 * delta.mean_sq_norm() if l2 > 0 else total
     return loss
 
 

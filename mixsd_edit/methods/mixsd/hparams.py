@@ -53,6 +53,8 @@ class MixSDHyperParams(HyperParams):
     subject_key_names: int         # key_rank_one: per request, k copies of its prompt with the subject swapped
                                    #   for a name from key_stats_dataset; their keys' E[k kᵀ] is added to C
     subject_key_weight: float      #   ... times this weight (C + w·E[k_name k_nameᵀ]; see key_delta.py)
+    delta_l2: float                # key_rank_one: + delta_l2 x mean over requests of Σ_layers |u_i|² in the
+                                   #   loss (the smallest change that writes the target; 0 = off)
     # --- preservation (methods/mixsd/preserve.py): + preserve_weight x KL(base || edited) on ordinary text
     preserve_weight: float         # 0 = off (the paper's objective)
     preserve_dataset: str | None   # text file or model_samples; required when preserve_weight > 0
@@ -121,6 +123,10 @@ class MixSDHyperParams(HyperParams):
                 bad("subject_key_names", "needs delta 'key_rank_one' and a key_stats_dataset (the names come from it)")
             if self.subject_key_weight <= 0:
                 bad("subject_key_weight", "must be > 0 when subject_key_names > 0")
+        if self.delta_l2 < 0:
+            bad("delta_l2", f"must be >= 0, got {self.delta_l2}")
+        if self.delta_l2 > 0 and self.delta != "key_rank_one":
+            bad("delta_l2", "needs delta 'key_rank_one' (it penalises the trained vectors u_i)")
         if self.preserve_weight < 0:
             bad("preserve_weight", f"must be >= 0, got {self.preserve_weight}")
         if self.preserve_weight > 0 and self.preserve_dataset is None:

@@ -148,6 +148,13 @@ class KeyDirectedDelta:
     def params(self) -> dict[str, torch.nn.Parameter]:
         return {f"{m}.delta_U": u for m, u in self.U.items()}
 
+    def mean_sq_norm(self) -> torch.Tensor:
+        """Mean over requests of ``Σ_modules |uᵢ|²`` (the size of each request's change; what
+        ``delta_l2`` penalises). Since ``vᵢᵀkᵢ = 1``, ``|uᵢ|`` is how far the subject's output moves, and
+        any other key ``h`` moves by ``(vᵢᵀh)·|uᵢ|``."""
+        n = next(iter(self.U.values())).shape[1]
+        return sum((u ** 2).sum() for u in self.U.values()) / n
+
     @contextmanager
     def attached(self) -> Iterator[None]:
         def make_hook(m):
