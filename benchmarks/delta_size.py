@@ -15,7 +15,6 @@ For each CounterFact case in --cases (a tuning range), one edit alone on the une
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 from dataclasses import replace
@@ -23,19 +22,19 @@ from pathlib import Path
 
 import torch
 
-from mixsd_edit.data.requests import normalize_requests
+from mixsd_edit.data.loaders import load_counterfact
 from mixsd_edit.methods.mixsd import MixSDHyperParams, apply_mixsd_to_model
 from mixsd_edit.methods.mixsd.key_delta import subject_keys
 from mixsd_edit.models import load_model_and_tokenizer
-from mixsd_edit.weights import restore_weights
+from mixsd_edit.weights import restore_weights, select_parameters
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = Path(os.environ.get("MIXSD_EDIT_SHARED_DATA", ROOT.parent / "shared" / "data"))
 
 
-def _span(text: str) -> tuple[int, int]:
-    a, b = (int(x) for x in text.split(":"))
-    return a, b
+def _requests(path: str, span: str) -> list[dict]:
+    a, b = (int(x) for x in span.split(":"))
+    return load_counterfact(path, n=b - a, start=a)
 
 
 def main(argv=None):
@@ -56,16 +55,9 @@ def main(argv=None):
     if base.delta != "key_rank_one":
         raise SystemExit(f"{args.hparams or args.model}: delta is {base.delta!r}; this measures key_rank_one")
     model, tok = load_model_and_tokenizer(base.model_name)
-    records = json.loads(Path(args.data).read_text())
-
-    def requests(span):
-        a, b = _span(span)
-        return normalize_requests([{"prompt": r["prompt"], "target_new": r["target_new"], "subject": r["subject"]}
-                                   for r in records[a:b]])
-
-    mods = [p.format(layer=layer)[: -len(".weight")] for p in base.trainable_params for layer in base.layers]
-    held = subject_keys(model, tok, requests(args.held_out), base, mods)
-    cases = requests(args.cases)
+    mods = [n[: -len(".weight")] for n in select_parameters(model, base.trainable_params, base.layers)]
+    held = subject_keys(model, tok, _requests(args.data, args.held_out), base, mods)
+    cases = _requests(args.data, args.cases)
     own = subject_keys(model, tok, cases, base, mods)
     print(f"{args.model}: cases {args.cases}, held-out {args.held_out}, layers {list(base.layers)}")
     print("| delta_l2 | mean abs u | rel to abs Wk | held-out reach | reach / abs u | steps | greedy right |")

@@ -194,7 +194,7 @@ def test_mean_sq_norm_is_the_mean_over_requests_of_each_requests_squared_change(
 
 def test_delta_l2_gives_a_smaller_change_that_still_learns(word_tok):
     """The penalty shrinks every request's vector (and so the change any other key receives) while the
-    target is still learned; off, the result is the unpenalised one."""
+    target is still learned."""
     def run(l2):
         model = tiny_llama(len(word_tok), seed=2)
         hp = mixsd_hparams(delta="key_rank_one", lr=0.1, num_steps=30, layers=(0, 1), early_stop_loss=None,
@@ -204,7 +204,7 @@ def test_delta_l2_gives_a_smaller_change_that_still_learns(word_tok):
         size = sum(float((model.get_parameter(k).detach() - wc[k]).norm()) ** 2 for k in wc) ** 0.5
         return size, meta
 
-    plain, meta0 = run(0.0)
+    plain, _ = run(0.0)
     small, meta1 = run(1e-2)
     assert small < 0.8 * plain
     assert meta1[0]["train_loss_final"] < meta1[0]["train_loss_first"]

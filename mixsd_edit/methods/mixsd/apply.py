@@ -62,9 +62,6 @@ def mixsd_loss(preserve: PreservationKL | None, weight: float, delta: KeyDirecte
     """NLL of the mixed targets (with ``owner_of``: each example's row sees only its own request's
     key-directed change), plus ``weight`` x the preservation KL (with every change switched on), plus
     ``l2`` x the mean squared size of the requests' changes (:meth:`KeyDirectedDelta.mean_sq_norm`)."""
-    if l2 > 0 and delta is None:
-        raise ValueError("delta_l2 needs the key-directed change (delta 'key_rank_one')")
-
     def loss(model, batch: Sequence[Example], pad_id: int, device):
         if owner_of is None:
             nll = target_nll_loss(model, batch, pad_id, device)
