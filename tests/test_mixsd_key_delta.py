@@ -49,6 +49,19 @@ def test_key_directions_are_dual_to_their_keys():
     assert torch.allclose(ratio, ratio[:, :1].expand_as(ratio), rtol=1e-4)
 
 
+def test_singular_key_statistics_are_an_error_not_wrong_directions():
+    torch.manual_seed(0)
+    K = torch.randn(2, 16)
+    exact = torch.zeros(16, 16)
+    exact[:4, :4] = torch.eye(4)
+    A = torch.randn(16, 4, dtype=torch.float64)
+    for C in (exact, A @ A.T):  # rank 4 of 16 (e.g. a corpus with fewer tokens than key dimensions)
+        with pytest.raises(ValueError, match="key statistics C are singular"):
+            key_directions(K, C)
+    ill = A @ A.T + 1e-8 * torch.eye(16, dtype=torch.float64)  # full rank, badly conditioned: still solved
+    assert torch.allclose((K @ key_directions(K, ill)).diagonal(), torch.ones(2), atol=1e-4)
+
+
 def test_directions_can_exclude_the_mean_key_of_the_other_requests():
     torch.manual_seed(0)
     K = torch.randn(4, 16) + 3.0 * torch.randn(1, 16)  # keys with a large shared component

@@ -10,10 +10,11 @@ from mixsd_edit.methods.locate.stats import check_corpus, corpus_file, second_mo
 from mixsd_edit.methods.mixsd.hparams import MixSDHyperParams
 from mixsd_edit.methods.mixsd.key_delta import (KeyDirectedDelta, key_directions, subject_key_positions,
                                                 subject_keys, swapped_subject_moments)
+from mixsd_edit.methods.mixsd.prefixes import context_prefixes, prefixed_requests
 from mixsd_edit.methods.mixsd.preserve import PreservationKL
 from mixsd_edit.methods.mixsd.swaps import entity_names
 from mixsd_edit.methods.mixsd.targets import MixedTarget, build_mixed_targets
-from mixsd_edit.prompting import pad_id_of
+from mixsd_edit.prompting import PromptFormat, pad_id_of
 from mixsd_edit.training import Example, LossFn, TrainConfig, TrainReport, target_nll_loss, train_nll
 from mixsd_edit.weights import EditTransaction, begin_edit, select_parameters
 
@@ -39,6 +40,13 @@ def execute_mixsd(model, tok, requests: list[dict], hp: MixSDHyperParams, params
     targets = build_mixed_targets(model, tok, requests, hp, progress=progress)
     owners = [i for i, t in enumerate(targets) if t.target_ids]
     examples = [(targets[i].context_ids, targets[i].target_ids) for i in owners]
+    prefixes = edit_prefixes(model, tok, hp)
+    if prefixes:  # each target also after every opening (same target ids: the model continues the same text)
+        fmt = PromptFormat(hp.use_chat_template, hp.system_prompt)
+        copies = prefixed_requests([requests[i] for i in owners], prefixes)
+        owners = owners + [i for i in owners for _ in prefixes]
+        examples = examples + [(fmt.context_ids(tok, hp.naive_text(c)), targets[i].target_ids)
+                               for c, i in zip(copies, owners[len(examples):])]
     cfg = train_config(hp, len(examples))
     preserve = PreservationKL(model, tok, hp, requests) if hp.preserve_weight > 0 and examples else None
     if hp.delta == "full":
@@ -46,7 +54,7 @@ def execute_mixsd(model, tok, requests: list[dict], hp: MixSDHyperParams, params
         return targets, train_nll(model, params, examples, cfg, pad_id_of(tok), progress=progress, loss_fn=loss_fn)
     # key_rank_one: train one vector per request and matrix, then write U Vᵀ into the weights
     modules = [n[: -len(".weight")] for n in params]
-    keys = subject_keys(model, tok, requests, hp, modules)
+    keys = edit_subject_keys(model, tok, requests, hp, modules, prefixes)
     covs = edit_key_covariances(model, tok, hp, modules, requests)
     delta = KeyDirectedDelta(model, {m: key_directions(keys[m], covs.get(m), hp.exclude_batch_mean) for m in modules})
     owner_of = {id(ex): i for ex, i in zip(examples, owners)} if hp.isolate_requests else None
@@ -73,15 +81,40 @@ def mixsd_loss(preserve: PreservationKL | None, weight: float, delta: KeyDirecte
     return loss
 
 
+def edit_prefixes(model, tok, hp: MixSDHyperParams) -> list[str]:
+    """The ``context_prefixes`` openings, from the key-statistics text (``[]`` when off)."""
+    if hp.context_prefixes <= 0:
+        return []
+    return context_prefixes(key_stats_text(model, tok, hp), hp.context_prefixes, hp.context_prefix_words, hp.seed)
+
+
+def key_stats_text(model, tok, hp: MixSDHyperParams) -> str:
+    """The text behind ``key_stats_dataset`` (the sampled corpus is the same file the key statistics and the
+    preservation term read), where the swapped names and the context prefixes come from."""
+    n_sample = max(hp.key_stats_n_tokens, hp.preserve_n_tokens)
+    corpus = corpus_file(model, tok, hp.key_stats_dataset, n_sample, hp.key_stats_seq_len)
+    return corpus.read_text(encoding="utf-8", errors="replace")
+
+
+def edit_subject_keys(model, tok, requests: Sequence[dict], hp: MixSDHyperParams, modules: list[str],
+                      prefixes: Sequence[str]) -> dict:
+    """:func:`subject_keys`; with prefixes, each request's key is the mean over its bare context and its
+    prefixed ones (as ROME averages its key over prefixed contexts)."""
+    keys = subject_keys(model, tok, requests, hp, modules)
+    if not prefixes:
+        return keys
+    more = subject_keys(model, tok, prefixed_requests(requests, prefixes), hp, modules)
+    n, k = len(requests), len(prefixes)
+    return {m: (keys[m] + more[m].view(n, k, -1).sum(1)) / (k + 1) for m in modules}
+
+
 def edit_key_covariances(model, tok, hp: MixSDHyperParams, modules: list[str], requests: Sequence[dict]) -> dict:
     """:func:`key_covariances`, plus ``subject_key_weight`` x the second moments of other names' keys in
     the requests' prompts when ``subject_key_names`` > 0 (new tensors; the cached ones are not touched)."""
     covs = key_covariances(model, tok, hp, modules)
     if hp.subject_key_names <= 0:
         return covs
-    n_sample = max(hp.key_stats_n_tokens, hp.preserve_n_tokens)  # the same corpus file as key stats / preserve
-    corpus = corpus_file(model, tok, hp.key_stats_dataset, n_sample, hp.key_stats_seq_len)
-    names = entity_names(corpus.read_text(encoding="utf-8", errors="replace"))
+    names = entity_names(key_stats_text(model, tok, hp))
     extra = swapped_subject_moments(model, tok, requests, hp, modules, names)
     return {m: covs[m] + hp.subject_key_weight * extra[m].to(covs[m].dtype) for m in modules}
 
@@ -105,6 +138,8 @@ def check_mixsd_inputs(model, tok, requests, hparams: MixSDHyperParams, **kwargs
     params = select_parameters(model, hparams.trainable_params, hparams.layers)
     if hparams.preserve_weight > 0:
         check_corpus(hparams.preserve_dataset)
+    if hparams.context_prefixes > 0:
+        check_corpus(hparams.key_stats_dataset)
     if hparams.delta == "key_rank_one":
         for name, p in params.items():
             if not name.endswith(".weight") or p.dim() != 2:

@@ -55,6 +55,9 @@ class MixSDHyperParams(HyperParams):
     subject_key_weight: float      #   ... times this weight (C + w·E[k_name k_nameᵀ]; see key_delta.py)
     delta_l2: float                # key_rank_one: + delta_l2 x mean over requests of Σ_layers |u_i|² in the
                                    #   loss (the smallest change that writes the target; 0 = off)
+    context_prefixes: int          # + train each target after k openings taken from key_stats_dataset (and,
+                                   #   key_rank_one, average the subject key over them); 0 = off (prefixes.py)
+    context_prefix_words: int      #   ... of this many words each
     # --- preservation (methods/mixsd/preserve.py): + preserve_weight x KL(base || edited) on ordinary text
     preserve_weight: float         # 0 = off (the paper's objective)
     preserve_dataset: str | None   # text file or model_samples; required when preserve_weight > 0
@@ -127,6 +130,12 @@ class MixSDHyperParams(HyperParams):
             bad("delta_l2", f"must be >= 0, got {self.delta_l2}")
         if self.delta_l2 > 0 and self.delta != "key_rank_one":
             bad("delta_l2", "needs delta 'key_rank_one' (it penalises the trained vectors u_i)")
+        if self.context_prefixes < 0:
+            bad("context_prefixes", f"must be >= 0, got {self.context_prefixes}")
+        if self.context_prefix_words < 1:
+            bad("context_prefix_words", f"must be >= 1, got {self.context_prefix_words}")
+        if self.context_prefixes > 0 and self.key_stats_dataset is None:
+            bad("context_prefixes", "needs a key_stats_dataset (the openings are taken from it)")
         if self.preserve_weight < 0:
             bad("preserve_weight", f"must be >= 0, got {self.preserve_weight}")
         if self.preserve_weight > 0 and self.preserve_dataset is None:

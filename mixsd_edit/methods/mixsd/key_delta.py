@@ -105,7 +105,19 @@ def key_directions(keys: torch.Tensor, cov: torch.Tensor | None, exclude_batch_m
     away; without this, every subject (the batch's and any other) sees the sum of all the batch's
     changes along it (BENCHMARKS.md §12). It is the limit of adding ``a μᵢ μᵢᵀ`` to ``C`` as a → ∞."""
     K = keys.double()
-    CK = torch.linalg.solve(cov.to(K.device, torch.float64), K.T) if cov is not None else K.T  # [in, n]
+    singular = ("key directions: the key statistics C are singular (fewer corpus tokens than the "
+                f"{K.shape[1]} key dimensions?); raise key_stats_n_tokens or use a larger corpus")
+    if cov is None:
+        CK = K.T  # [in, n]
+    else:
+        C = cov.to(K.device, torch.float64)
+        try:
+            CK = torch.linalg.solve(C, K.T)
+        except torch.linalg.LinAlgError:
+            raise ValueError(singular) from None
+        # a numerically singular C gives a finite but wrong solve: its residual shows it
+        if not torch.isfinite(CK).all() or (C @ CK - K.T).norm() > 1e-6 * K.norm():
+            raise ValueError(singular)
     n = K.shape[0]
     if exclude_batch_mean and n >= 2:
         C_mu = (CK.sum(1, keepdim=True) - CK) / (n - 1)        # [in, n]: C⁻¹ μᵢ
