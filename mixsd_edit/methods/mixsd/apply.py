@@ -40,13 +40,16 @@ def execute_mixsd(model, tok, requests: list[dict], hp: MixSDHyperParams, params
     targets = build_mixed_targets(model, tok, requests, hp, progress=progress)
     owners = [i for i, t in enumerate(targets) if t.target_ids]
     examples = [(targets[i].context_ids, targets[i].target_ids) for i in owners]
-    prefixes = edit_prefixes(model, tok, hp)
+    # the key-statistics text (read once): where the context prefixes and the swapped names come from
+    text = key_stats_text(model, tok, hp) if hp.context_prefixes > 0 or hp.subject_key_names > 0 else None
+    prefixes = (context_prefixes(text, hp.context_prefixes, hp.context_prefix_words, hp.seed)
+                if hp.context_prefixes > 0 else [])
     if prefixes:  # each target also after every opening (same target ids: the model continues the same text)
         fmt = PromptFormat(hp.use_chat_template, hp.system_prompt)
         copies = prefixed_requests([requests[i] for i in owners], prefixes)
-        owners = owners + [i for i in owners for _ in prefixes]
-        examples = examples + [(fmt.context_ids(tok, hp.naive_text(c)), targets[i].target_ids)
-                               for c, i in zip(copies, owners[len(examples):])]
+        copy_owners = [i for i in owners for _ in prefixes]
+        examples += [(fmt.context_ids(tok, hp.naive_text(c)), targets[i].target_ids) for c, i in zip(copies, copy_owners)]
+        owners += copy_owners
     cfg = train_config(hp, len(examples))
     preserve = PreservationKL(model, tok, hp, requests) if hp.preserve_weight > 0 and examples else None
     if hp.delta == "full":
@@ -55,7 +58,7 @@ def execute_mixsd(model, tok, requests: list[dict], hp: MixSDHyperParams, params
     # key_rank_one: train one vector per request and matrix, then write U Vᵀ into the weights
     modules = [n[: -len(".weight")] for n in params]
     keys = edit_subject_keys(model, tok, requests, hp, modules, prefixes)
-    covs = edit_key_covariances(model, tok, hp, modules, requests)
+    covs = edit_key_covariances(model, tok, hp, modules, requests, text)
     delta = KeyDirectedDelta(model, {m: key_directions(keys[m], covs.get(m), hp.exclude_batch_mean) for m in modules})
     owner_of = {id(ex): i for ex, i in zip(examples, owners)} if hp.isolate_requests else None
     loss_fn = mixsd_loss(preserve, hp.preserve_weight, delta, owner_of, hp.delta_l2)
@@ -81,13 +84,6 @@ def mixsd_loss(preserve: PreservationKL | None, weight: float, delta: KeyDirecte
     return loss
 
 
-def edit_prefixes(model, tok, hp: MixSDHyperParams) -> list[str]:
-    """The ``context_prefixes`` openings, from the key-statistics text (``[]`` when off)."""
-    if hp.context_prefixes <= 0:
-        return []
-    return context_prefixes(key_stats_text(model, tok, hp), hp.context_prefixes, hp.context_prefix_words, hp.seed)
-
-
 def key_stats_text(model, tok, hp: MixSDHyperParams) -> str:
     """The text behind ``key_stats_dataset`` (the sampled corpus is the same file the key statistics and the
     preservation term read), where the swapped names and the context prefixes come from."""
@@ -108,13 +104,15 @@ def edit_subject_keys(model, tok, requests: Sequence[dict], hp: MixSDHyperParams
     return {m: (keys[m] + more[m].view(n, k, -1).sum(1)) / (k + 1) for m in modules}
 
 
-def edit_key_covariances(model, tok, hp: MixSDHyperParams, modules: list[str], requests: Sequence[dict]) -> dict:
+def edit_key_covariances(model, tok, hp: MixSDHyperParams, modules: list[str], requests: Sequence[dict],
+                         text: str | None = None) -> dict:
     """:func:`key_covariances`, plus ``subject_key_weight`` x the second moments of other names' keys in
-    the requests' prompts when ``subject_key_names`` > 0 (new tensors; the cached ones are not touched)."""
+    the requests' prompts when ``subject_key_names`` > 0 (new tensors; the cached ones are not touched).
+    The names come from ``text`` (default: :func:`key_stats_text`)."""
     covs = key_covariances(model, tok, hp, modules)
     if hp.subject_key_names <= 0:
         return covs
-    names = entity_names(key_stats_text(model, tok, hp))
+    names = entity_names(text if text is not None else key_stats_text(model, tok, hp))
     extra = swapped_subject_moments(model, tok, requests, hp, modules, names)
     return {m: covs[m] + hp.subject_key_weight * extra[m].to(covs[m].dtype) for m in modules}
 
@@ -138,14 +136,12 @@ def check_mixsd_inputs(model, tok, requests, hparams: MixSDHyperParams, **kwargs
     params = select_parameters(model, hparams.trainable_params, hparams.layers)
     if hparams.preserve_weight > 0:
         check_corpus(hparams.preserve_dataset)
-    if hparams.context_prefixes > 0:
-        check_corpus(hparams.key_stats_dataset)
     if hparams.delta == "key_rank_one":
         for name, p in params.items():
             if not name.endswith(".weight") or p.dim() != 2:
                 raise ValueError(f"MixSD delta 'key_rank_one' trains Linear weights only; trainable_params matched {name!r}")
-        if hparams.key_stats_dataset is not None:
-            check_corpus(hparams.key_stats_dataset)  # a missing corpus fails before any model work
+    if hparams.key_stats_dataset is not None and (hparams.delta == "key_rank_one" or hparams.context_prefixes > 0):
+        check_corpus(hparams.key_stats_dataset)  # a missing corpus fails before any model work
     if hparams.delta == "key_rank_one" or hparams.preserve_swaps > 0:
         subject_key_positions(tok, requests, hparams)  # every request's subject occurs in its naive context
     return requests
