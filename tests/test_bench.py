@@ -20,6 +20,7 @@ from conftest import REPO, TINY_DEPTH, TINY_METHODS, tiny_llama
 
 from mixsd_edit.cli import bench_main
 from mixsd_edit.bench import plot as bench_plot
+from mixsd_edit.bench import report
 from mixsd_edit.bench.runner import BenchError, build_parser, check_restored, param_digests, plan_run, run_bench
 from mixsd_edit.bench.spec import (SpecError, expand_lambda_sweep, parse_methods, split_top_level)
 from mixsd_edit.evaluation.metrics import greedy_generate
@@ -226,7 +227,14 @@ def test_batch_mode_one_apply_call_rome_is_na_and_restore_is_bit_exact(env, tmp_
         assert ret["kl"]["n_measurements"] == 1 and ret["kl"]["post"]["mean"] > 0  # measured on the edited model
         assert ret["known_facts"]["n_items"] == [env["n_known"] - 3]  # facts about w0, w1, w2 excluded
         assert "all 3 edits" in row["retention_scope"]
-    _, *rows = table_rows((out / "table.md").read_text())
+        # the lost facts are listed, as many as the ratio says, none about an edited subject
+        lost, kept = ret["known_facts"]["lost"], ret["known_facts"]["n_items"][0]
+        assert len(lost) == round((1 - ret["known_facts"]["post"]["mean"]) * kept)
+        assert not {f["subject"] for f in lost} & {"w0", "w1", "w2"}
+        assert all(f["times"] == 1 and "continuation" in f for f in lost)
+    md = (out / "table.md").read_text()
+    assert "Known facts lost" in md and "- **MixSD**: " in md and "- **MEMIT**: " in md
+    _, *rows = table_rows(md)
     assert rows[0][0] == "unedited" and rows[2][0] == "ROME"
     assert rows[2][1] == "n/a" and "n/a: ValueError: method 'ROME'" in rows[2][-1]
 
@@ -311,6 +319,21 @@ def synthetic_summary(n=100, with_known=True, mode="batch"):
 
 def _is_png(path: Path) -> bool:
     return path.is_file() and path.stat().st_size > 5000 and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_lost_facts_merge_over_measurements_and_list_under_the_table():
+    a = {"known_id": 3, "subject": "Ann", "prompt": "Ann speaks", "attribute": "French", "continuation": "German"}
+    b = {"known_id": 5, "subject": "Bo", "prompt": "Bo plays", "attribute": "chess", "continuation": "go | x"}
+    merged = report.merge_lost([{"lost": [a]}, {"lost": [b, a]}, {}])
+    assert [(f["known_id"], f["times"]) for f in merged] == [(3, 2), (5, 1)]
+    rows = [{"kind": "unedited", "label": "unedited", "status": "ok"},
+            {"kind": "method", "label": "M", "status": "ok", "retention": {"known_facts": {"lost": merged}}},
+            {"kind": "method", "label": "N", "status": "ok", "retention": {"known_facts": {"lost": []}}},
+            {"kind": "method", "label": "O", "status": "ok", "retention": {"kl": {}}}]
+    lines = report.lost_facts_lines(rows, limit=1)
+    assert lines[2] == "- **M**: 2 lost:" and '[3] Ann speaks → expected "French", now "German" ×2' in lines[3]
+    assert "1 more" in lines[4] and lines[5] == "- **N**: 0 lost" and len(lines) == 6  # O has no known-fact suite
+    assert "/" in report.lost_facts_lines(rows[1:2], limit=2)[-1]  # a '|' in generated text cannot break the table
 
 
 def test_tradeoff_plot_writes_png_with_sweep_and_fixed_points(tmp_path):

@@ -95,7 +95,11 @@ def test_known_facts_select_and_recall(scripted, word_tok, tmp_path):
     rec = known_fact_recall(model, word_tok, sel["facts"], exclude_subjects=[" w3 "], max_new_tokens=4)
     assert rec["score"] == 1.0 and rec["n"] == 1 and rec["n_excluded"] == 1
     model.naive_next[word_tok.convert_tokens_to_ids("w0")] = word_tok.convert_tokens_to_ids("w7")  # "edit"
-    assert known_fact_recall(model, word_tok, sel["facts"], max_new_tokens=4)["correct"] == [False, True]
+    after = known_fact_recall(model, word_tok, sel["facts"], max_new_tokens=4)
+    assert after["correct"] == [False, True]
+    # the lost fact is named, with what the model says now
+    assert [(f["known_id"], f["subject"], f["attribute"]) for f in after["lost"]] == [(0, "w0", "w20")]
+    assert after["lost"][0]["continuation"].split()[0] == "w7"
 
 
 def test_prefix_cache_exact_for_llama_and_sliding_window_gemma(word_tok):

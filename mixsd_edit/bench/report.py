@@ -16,6 +16,7 @@ CF_KEYS = ("efficacy_score", "paraphrase_score", "neighborhood_score", "efficacy
            "paraphrase_magnitude", "neighborhood_magnitude")
 RATIO_SUITES = ("known_facts", "perplexity", "mmlu", "gsm8k")  # retention column = post / pre
 VALUE_SUITES = ("kl",)                                          # retention column = post value
+LOST_SHOWN = 40  # known facts listed per row under the table (summary.json keeps them all)
 
 # (column id, header). Column ids: "m:<editor metric>", "cf:<counterfact key>", "ret:<suite>", "time", "wall", "mem".
 COLUMNS: list[tuple[str, str]] = [
@@ -77,8 +78,24 @@ def compact_retention(measure: Mapping[str, Mapping[str, Any]]) -> dict[str, dic
         det = r.get("details") or {}
         if "n_excluded" in det:
             d["n_excluded"] = det["n_excluded"]
+        if "lost" in det:  # known facts no longer answered (a few dozen at most): what the edits broke
+            d["lost"] = list(det["lost"])
         out[suite] = d
     return out
+
+
+def merge_lost(measurements: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """The ``lost`` facts of several measurements of one suite, once per fact (by known_id, else prompt),
+    with ``times``: in how many measurements it was lost (the continuation is the first one seen)."""
+    merged: dict[Any, dict[str, Any]] = {}
+    for m in measurements:
+        for fact in m.get("lost") or ():
+            key = fact.get("known_id") if fact.get("known_id") is not None else fact.get("prompt")
+            if key in merged:
+                merged[key]["times"] += 1
+            else:
+                merged[key] = dict(fact, times=1)
+    return list(merged.values())
 
 
 def aggregate_retention(measurements: Sequence[Mapping[str, Mapping[str, Any]]],
@@ -93,6 +110,8 @@ def aggregate_retention(measurements: Sequence[Mapping[str, Mapping[str, Any]]],
                       "ratio": mean_ci(v["ratio"] for v in vals), "n_measurements": len(vals),
                       "n_items": [v["n"] for v in vals], "higher_is_better": vals[0]["higher_is_better"],
                       "protocol": protocols.get(suite)}
+        if any("lost" in v for v in vals):
+            out[suite]["lost"] = merge_lost(vals)
     return out
 
 
@@ -181,7 +200,30 @@ def render_table(summary: Mapping[str, Any]) -> str:
             lines.append(f"- **{h}**: {text}")
     if summary.get("retention_note"):
         lines += ["", f"Retention: {summary['retention_note']}"]
+    lines += lost_facts_lines(rows)
     return "\n".join(lines) + "\n"
+
+
+def lost_facts_lines(rows: Sequence[Mapping[str, Any]], limit: int = LOST_SHOWN) -> list[str]:
+    """Markdown list, per edited row, of the known facts it no longer answers (the first ``limit``)."""
+    lines: list[str] = []
+    for r in rows:
+        known = (r.get("retention") or {}).get("known_facts") or {}
+        lost = known.get("lost")
+        if r.get("kind") == "unedited" or r.get("status") != "ok" or lost is None:
+            continue
+        if not lines:
+            lines += ["", "Known facts lost (greedy continuation after the edits; ×k = lost in k of the "
+                      "row's retention measurements):"]
+        lines.append(f"- **{r['label']}**: {len(lost)} lost" + (":" if lost else ""))
+        for f in lost[:limit]:
+            times = f" ×{f['times']}" if f.get("times", 1) > 1 else ""
+            cont = " ".join(str(f.get("continuation", "")).split()).replace("|", "/")
+            lines.append(f"  - [{f.get('known_id')}] {f['prompt']} → expected \"{f['attribute']}\", "
+                         f"now \"{cont}\"{times}")
+        if len(lost) > limit:
+            lines.append(f"  - ... and {len(lost) - limit} more (summary.json has all)")
+    return lines
 
 
 def table_protocols(editor_protocols: Mapping[str, str], retention_protocols: Mapping[str, str]) -> dict[str, str]:

@@ -112,12 +112,16 @@ def known_fact_recall(model, tok, facts: Sequence[Mapping[str, Any]], exclude_su
                       fmt: PromptFormat = PromptFormat(), max_new_tokens: int = 8, batch_size: int = 16,
                       match: str = "prefix") -> dict[str, Any]:
     """Share of ``facts`` (from ``select_known_facts``, same ``match``) still answered, leaving out
-    facts whose subject equals an edited subject (case- and white-space-insensitive)."""
+    facts whose subject equals an edited subject (case- and white-space-insensitive). ``lost`` lists
+    the facts no longer answered, each with the model's greedy continuation now."""
     excluded = {_norm_subject(s) for s in exclude_subjects if s}
     kept = [f for f in facts if _norm_subject(f["subject"]) not in excluded]
-    ok, _ = _answers_fact(model, tok, fmt, kept, max_new_tokens, batch_size, match) if kept else ([], [])
+    ok, texts = _answers_fact(model, tok, fmt, kept, max_new_tokens, batch_size, match) if kept else ([], [])
+    lost = [{"known_id": f.get("known_id"), "subject": f["subject"], "prompt": f["prompt"],
+             "attribute": f["attribute"], "continuation": t}
+            for f, t, k in zip(kept, texts, ok) if not k]
     return {"score": (sum(ok) / len(ok)) if ok else None, "n": len(kept), "n_excluded": len(facts) - len(kept),
-            "correct": ok, "known_ids": [f.get("known_id") for f in kept],
+            "correct": ok, "known_ids": [f.get("known_id") for f in kept], "lost": lost,
             "protocol": RETENTION_PROTOCOLS["known_facts"], "higher_is_better": True}
 
 
