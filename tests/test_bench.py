@@ -232,8 +232,12 @@ def test_batch_mode_one_apply_call_rome_is_na_and_restore_is_bit_exact(env, tmp_
         assert len(lost) == round((1 - ret["known_facts"]["post"]["mean"]) * kept)
         assert not {f["subject"] for f in lost} & {"w0", "w1", "w2"}
         assert all(f["times"] == 1 and "continuation" in f for f in lost)
+        # per relation counts add up to the same facts and losses
+        by_rel = ret["known_facts"]["by_relation"]
+        assert sum(c["known"] for c in by_rel.values()) == kept and sum(c["lost"] for c in by_rel.values()) == len(lost)
     md = (out / "table.md").read_text()
     assert "Known facts lost" in md and "- **MixSD**: " in md and "- **MEMIT**: " in md
+    assert "Known facts lost per known_1000 relation" in md or "Known facts lost per relation: none lost." in md
     _, *rows = table_rows(md)
     assert rows[0][0] == "unedited" and rows[2][0] == "ROME"
     assert rows[2][1] == "n/a" and "n/a: ValueError: method 'ROME'" in rows[2][-1]
@@ -334,6 +338,26 @@ def test_lost_facts_merge_over_measurements_and_list_under_the_table():
     assert lines[2] == "- **M**: 2 lost:" and '[3] Ann speaks → expected "French", now "German" ×2' in lines[3]
     assert "1 more" in lines[4] and lines[5] == "- **N**: 0 lost" and len(lines) == 6  # O has no known-fact suite
     assert "/" in report.lost_facts_lines(rows[1:2], limit=2)[-1]  # a '|' in generated text cannot break the table
+
+
+def test_lost_facts_per_relation_summed_over_measurements_and_tabled():
+    m1 = {"by_relation": {"P17": {"known": 4, "lost": 1}, "P30": {"known": 2, "lost": 0}}}
+    m2 = {"by_relation": {"P17": {"known": 4, "lost": 2}, "P103": {"known": 3, "lost": 3}}}
+    merged = report.merge_by_relation([m1, m2, {}])
+    assert merged == {"P103": {"known": 3, "lost": 3}, "P17": {"known": 8, "lost": 3},
+                      "P30": {"known": 2, "lost": 0}}
+    rows = [{"kind": "unedited", "label": "unedited", "status": "ok"},
+            {"kind": "method", "label": "M", "status": "ok", "retention": {"known_facts": {"by_relation": merged}}},
+            {"kind": "method", "label": "N", "status": "ok",
+             "retention": {"known_facts": {"by_relation": {"P17": {"known": 4, "lost": 0}}}}},
+            {"kind": "method", "label": "O", "status": "ok", "retention": {"known_facts": {}}}]  # older summary
+    lines = report.relation_loss_lines(rows)
+    assert lines[3] == "| relation | M | N |"
+    # ties in losses keep relation order; relations nobody lost a fact in are left out
+    assert lines[5:] == ["| P103 | 3 / 3 | - |", "| P17 | 3 / 8 | 0 / 4 |"]
+    none = [rows[0], rows[2]]
+    assert report.relation_loss_lines(none) == ["", "Known facts lost per relation: none lost."]
+    assert report.relation_loss_lines(rows[:1] + rows[3:]) == []
 
 
 def test_tradeoff_plot_writes_png_with_sweep_and_fixed_points(tmp_path):

@@ -79,8 +79,8 @@ def test_coarse_kl_matches_kl_of_bucketed_distributions():
 
 
 def _write_known(tmp_path):
-    facts = [{"known_id": 0, "subject": "w0", "prompt": "w0", "attribute": "w20"},   # scripted: w0 -> w20
-             {"known_id": 1, "subject": "w1", "prompt": "w1", "attribute": "w5"},    # w1 -> w21: unknown
+    facts = [{"known_id": 0, "subject": "w0", "prompt": "w0", "attribute": "w20", "relation_id": "P1"},  # w0 -> w20
+             {"known_id": 1, "subject": "w1", "prompt": "w1", "attribute": "w5", "relation_id": "P1"},  # unknown
              {"known_id": 2, "subject": "W3", "prompt": "w3", "attribute": "w23 w3"}]  # w3 -> w23 -> w3
     path = tmp_path / "known.json"
     path.write_text(json.dumps(facts))
@@ -99,7 +99,10 @@ def test_known_facts_select_and_recall(scripted, word_tok, tmp_path):
     assert after["correct"] == [False, True]
     # the lost fact is named, with what the model says now
     assert [(f["known_id"], f["subject"], f["attribute"]) for f in after["lost"]] == [(0, "w0", "w20")]
-    assert after["lost"][0]["continuation"].split()[0] == "w7"
+    assert after["lost"][0]["continuation"].split()[0] == "w7" and after["lost"][0]["relation_id"] == "P1"
+    # per relation: facts scored and lost ("?" for a record without relation_id)
+    assert after["by_relation"] == {"?": {"known": 1, "lost": 0}, "P1": {"known": 1, "lost": 1}}
+    assert rec["by_relation"] == {"P1": {"known": 1, "lost": 0}}  # w3's fact was excluded
 
 
 def test_prefix_cache_exact_for_llama_and_sliding_window_gemma(word_tok):

@@ -80,6 +80,8 @@ def compact_retention(measure: Mapping[str, Mapping[str, Any]]) -> dict[str, dic
             d["n_excluded"] = det["n_excluded"]
         if "lost" in det:  # known facts no longer answered (a few dozen at most): what the edits broke
             d["lost"] = list(det["lost"])
+        if "by_relation" in det:  # per relation: facts scored, facts lost (a few dozen relations)
+            d["by_relation"] = {rel: dict(c) for rel, c in det["by_relation"].items()}
         out[suite] = d
     return out
 
@@ -98,6 +100,18 @@ def merge_lost(measurements: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]
     return list(merged.values())
 
 
+def merge_by_relation(measurements: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, int]]:
+    """The ``by_relation`` counts of several measurements of one suite, summed per relation (so
+    lost / known is the share of (measurement, fact) pairs lost)."""
+    merged: dict[str, dict[str, int]] = {}
+    for m in measurements:
+        for rel, c in (m.get("by_relation") or {}).items():
+            acc = merged.setdefault(rel, {"known": 0, "lost": 0})
+            acc["known"] += int(c["known"])
+            acc["lost"] += int(c["lost"])
+    return dict(sorted(merged.items()))
+
+
 def aggregate_retention(measurements: Sequence[Mapping[str, Mapping[str, Any]]],
                         protocols: Mapping[str, str]) -> dict[str, dict[str, Any]]:
     """Several measure() results (one per measured edit or batch) -> per suite: pre, post and
@@ -112,6 +126,8 @@ def aggregate_retention(measurements: Sequence[Mapping[str, Mapping[str, Any]]],
                       "protocol": protocols.get(suite)}
         if any("lost" in v for v in vals):
             out[suite]["lost"] = merge_lost(vals)
+        if any("by_relation" in v for v in vals):
+            out[suite]["by_relation"] = merge_by_relation(vals)
     return out
 
 
@@ -201,6 +217,7 @@ def render_table(summary: Mapping[str, Any]) -> str:
     if summary.get("retention_note"):
         lines += ["", f"Retention: {summary['retention_note']}"]
     lines += lost_facts_lines(rows)
+    lines += relation_loss_lines(rows)
     return "\n".join(lines) + "\n"
 
 
@@ -223,6 +240,27 @@ def lost_facts_lines(rows: Sequence[Mapping[str, Any]], limit: int = LOST_SHOWN)
                          f"now \"{cont}\"{times}")
         if len(lost) > limit:
             lines.append(f"  - ... and {len(lost) - limit} more (summary.json has all)")
+    return lines
+
+
+def relation_loss_lines(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Markdown table of known facts lost per known_1000 relation (lost / scored) for the edited rows
+    that have the counts; only relations where some row lost a fact, most losses first."""
+    edited = [r for r in rows if r.get("kind") != "unedited" and r.get("status") == "ok"
+              and ((r.get("retention") or {}).get("known_facts") or {}).get("by_relation") is not None]
+    if not edited:
+        return []
+    counts = [r["retention"]["known_facts"]["by_relation"] for r in edited]
+    rels = {rel for c in counts for rel, v in c.items() if v["lost"]}
+    if not rels:
+        return ["", "Known facts lost per relation: none lost."]
+    order = sorted(rels, key=lambda rel: (-sum(c.get(rel, {}).get("lost", 0) for c in counts), rel))
+    lines = ["", "Known facts lost per known_1000 relation (lost / scored; summed over the row's retention "
+             "measurements):", "", "| relation | " + " | ".join(r["label"] for r in edited) + " |",
+             "|---|" + "---|" * len(edited)]
+    for rel in order:
+        cells = [f"{c[rel]['lost']} / {c[rel]['known']}" if rel in c else "-" for c in counts]
+        lines.append(f"| {rel} | " + " | ".join(cells) + " |")
     return lines
 
 

@@ -113,15 +113,22 @@ def known_fact_recall(model, tok, facts: Sequence[Mapping[str, Any]], exclude_su
                       match: str = "prefix") -> dict[str, Any]:
     """Share of ``facts`` (from ``select_known_facts``, same ``match``) still answered, leaving out
     facts whose subject equals an edited subject (case- and white-space-insensitive). ``lost`` lists
-    the facts no longer answered, each with the model's greedy continuation now."""
+    the facts no longer answered, each with the model's greedy continuation now; ``by_relation`` counts,
+    per known_1000 ``relation_id`` ("?" when a record has none), the facts scored and the facts lost."""
     excluded = {_norm_subject(s) for s in exclude_subjects if s}
     kept = [f for f in facts if _norm_subject(f["subject"]) not in excluded]
     ok, texts = _answers_fact(model, tok, fmt, kept, max_new_tokens, batch_size, match) if kept else ([], [])
-    lost = [{"known_id": f.get("known_id"), "subject": f["subject"], "prompt": f["prompt"],
-             "attribute": f["attribute"], "continuation": t}
+    lost = [{"known_id": f.get("known_id"), "relation_id": f.get("relation_id"), "subject": f["subject"],
+             "prompt": f["prompt"], "attribute": f["attribute"], "continuation": t}
             for f, t, k in zip(kept, texts, ok) if not k]
+    by_relation: dict[str, dict[str, int]] = {}
+    for f, k in zip(kept, ok):
+        counts = by_relation.setdefault(str(f.get("relation_id") or "?"), {"known": 0, "lost": 0})
+        counts["known"] += 1
+        counts["lost"] += not k
     return {"score": (sum(ok) / len(ok)) if ok else None, "n": len(kept), "n_excluded": len(facts) - len(kept),
             "correct": ok, "known_ids": [f.get("known_id") for f in kept], "lost": lost,
+            "by_relation": dict(sorted(by_relation.items())),
             "protocol": RETENTION_PROTOCOLS["known_facts"], "higher_is_better": True}
 
 
