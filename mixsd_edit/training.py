@@ -9,7 +9,7 @@ model is frozen for the duration of the call and unfrozen afterwards.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import torch
@@ -39,6 +39,7 @@ class TrainConfig:
 class TrainReport:
     steps: int
     losses: list[float]
+    updates: list[int] = field(default_factory=list)  # per example: the steps whose minibatch held it
 
     @property
     def first_loss(self) -> float:
@@ -103,6 +104,7 @@ def train_nll(model, params: dict[str, torch.nn.Parameter], examples: Sequence[E
     n = len(examples)
     bs = min(cfg.train_batch_size, n)
     losses: list[float] = []
+    updates = [0] * n
     try:
         steps = range(cfg.num_steps)
         if progress:
@@ -111,6 +113,8 @@ def train_nll(model, params: dict[str, torch.nn.Parameter], examples: Sequence[E
             steps = tqdm(steps, desc=desc, leave=False)
         for _ in steps:
             order = torch.randperm(n, generator=gen).tolist() if n > bs else list(range(n))
+            for i in order[:bs]:
+                updates[i] += 1
             loss = loss_fn(model, [examples[i] for i in order[:bs]], pad_id, dev)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -130,6 +134,6 @@ def train_nll(model, params: dict[str, torch.nn.Parameter], examples: Sequence[E
             p.requires_grad_(f)
             p.grad = None
         model.train(was_training)
-    report = TrainReport(len(losses), losses)
+    report = TrainReport(len(losses), losses, updates)
     log.debug("trained %d steps, loss %.4f -> %.4f", report.steps, report.first_loss, report.final_loss)
     return report

@@ -220,6 +220,10 @@ def test_batch_mode_one_apply_call_rome_is_na_and_restore_is_bit_exact(env, tmp_
     for label in ("MixSD", "MEMIT"):
         row = summary["rows"][label]
         assert row["status"] == "ok" and row["hparams"]["batch_size"] == 3, (label, row.get("reason"))
+        if label == "MixSD":  # 3 requests fit one minibatch: each trained in every step, and no note says otherwise
+            mix = row["mixsd"]
+            assert mix["min_train_updates"] == mix["mean_train_updates"] == mix["mean_train_steps"] > 0
+            assert "trained in" not in report.row_note(row)
         cases = case_files(out, label)
         assert [c["chunk_size"] for c in cases] == [3, 3, 3]  # one apply call for all edits
         assert len({c["wall_time_s"] for c in cases}) == 1
@@ -398,3 +402,9 @@ def test_edit_curve_plot_and_the_thin_script(tmp_path):
                         str(tmp_path / "script.png")], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert _is_png(tmp_path / "script.png") and "efficacy: es" in r.stdout
+
+
+def test_row_note_says_when_requests_were_trained_in_part_of_the_steps():
+    row = {"status": "ok", "kind": "method", "mode": "batch", "requested_mode": "batch",
+           "mixsd": {"fallback_share": 0.1, "min_train_updates": 18, "mean_train_updates": 25.6, "mean_train_steps": 40.0}}
+    assert "each request trained in 25.6 of 40.0 steps on average (min 18" in report.row_note(row)

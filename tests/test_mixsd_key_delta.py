@@ -230,3 +230,26 @@ def test_delta_l2_values_are_checked(kw, match):
 
     with pytest.raises(HyperParamsError, match=match):
         mixsd_hparams(**{"delta": "key_rank_one", **kw})
+
+
+def test_train_updates_count_the_steps_that_trained_each_request(word_tok, caplog):
+    """More requests than train_batch_size: each request is trained in only part of the steps; the
+    metadata says in how many (and the call logs a warning), so an under-trained batch is visible."""
+    reqs = normalize_requests([{"prompt": f"Q w{i} w{i + 1}", "target_new": f"w{i + 20}", "subject": f"w{i}"}
+                               for i in range(2, 8)])
+    model = tiny_llama(len(word_tok), seed=3)
+    meta = []
+    with caplog.at_level("WARNING", logger="mixsd_edit.methods.mixsd.apply"):
+        apply_mixsd_to_model(model, word_tok, reqs, mixsd_hparams(delta="key_rank_one", num_steps=10,
+                                                                   train_batch_size=4), metadata_out=meta)
+    ups = [m["train_updates"] for m in meta]
+    assert all(m["train_steps"] == 10 for m in meta)
+    assert sum(ups) == 4 * 10 and max(ups) <= 10 and min(ups) < 10
+    assert "train_batch_size 4" in caplog.text and "6 requests" in caplog.text
+    # every request in every step when the batch fits: the counts equal the steps, no warning
+    caplog.clear()
+    meta = []
+    with caplog.at_level("WARNING", logger="mixsd_edit.methods.mixsd.apply"):
+        apply_mixsd_to_model(tiny_llama(len(word_tok), seed=3), word_tok, reqs,
+                             mixsd_hparams(delta="key_rank_one", num_steps=10, train_batch_size=8), metadata_out=meta)
+    assert [m["train_updates"] for m in meta] == [10] * 6 and "train_batch_size" not in caplog.text

@@ -189,6 +189,9 @@ def row_note(row: Mapping[str, Any]) -> str:
     mix = row.get("mixsd")
     if mix:
         parts.append(f"MixSD fallback share {mix['fallback_share']:.2f}")
+        if "mean_train_updates" in mix and mix["mean_train_updates"] < mix["mean_train_steps"]:
+            parts.append(f"each request trained in {mix['mean_train_updates']:.1f} of {mix['mean_train_steps']:.1f} "
+                         f"steps on average (min {mix['min_train_updates']}; batch > train_batch_size)")
     return "; ".join(parts)
 
 

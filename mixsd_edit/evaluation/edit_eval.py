@@ -127,6 +127,11 @@ def summarize(records: Sequence[dict]) -> dict:
             "mean_attempts": statistics.fmean(m["attempts"] for m in metas),
             "mean_target_tokens": statistics.fmean(m["target_tokens"] for m in metas),
         }
+        ups = [(m["train_updates"], m["train_steps"]) for m in metas if m.get("train_updates") is not None]
+        if ups:  # how many of its call's steps trained each request (fewer when batches exceed train_batch_size)
+            summary["mixsd"].update(min_train_updates=min(u for u, _ in ups),
+                                    mean_train_updates=statistics.fmean(u for u, _ in ups),
+                                    mean_train_steps=statistics.fmean(s for _, s in ups))
     times = [r["time"] for r in records if r.get("time") is not None]
     if times:
         summary["edit_time_s"] = _mean_ci(times)

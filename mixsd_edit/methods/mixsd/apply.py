@@ -51,10 +51,12 @@ def execute_mixsd(model, tok, requests: list[dict], hp: MixSDHyperParams, params
         examples += [(fmt.context_ids(tok, hp.naive_text(c)), targets[i].target_ids) for c, i in zip(copies, copy_owners)]
         owners += copy_owners
     cfg = train_config(hp, len(examples))
+    warn_partial_batches(hp, len(set(owners)), len(examples), cfg)
     preserve = PreservationKL(model, tok, hp, requests) if hp.preserve_weight > 0 and examples else None
     if hp.delta == "full":
         loss_fn = mixsd_loss(preserve, hp.preserve_weight)
-        return targets, train_nll(model, params, examples, cfg, pad_id_of(tok), progress=progress, loss_fn=loss_fn)
+        report = train_nll(model, params, examples, cfg, pad_id_of(tok), progress=progress, loss_fn=loss_fn)
+        return record_updates(targets, owners, report), report
     # key_rank_one: train one vector per request and matrix, then write U Vᵀ into the weights
     modules = [n[: -len(".weight")] for n in params]
     keys = edit_subject_keys(model, tok, requests, hp, modules, prefixes)
@@ -65,7 +67,31 @@ def execute_mixsd(model, tok, requests: list[dict], hp: MixSDHyperParams, params
     with delta.attached():
         report = train_nll(model, delta.params, examples, cfg, pad_id_of(tok), progress=progress, loss_fn=loss_fn)
     delta.write_into_weights()
-    return targets, report
+    return record_updates(targets, owners, report), report
+
+
+def record_updates(targets: list[MixedTarget], owners: list[int], report: TrainReport) -> list[MixedTarget]:
+    """Set each trained target's ``train_updates``: the steps whose minibatch held its bare example (the
+    first example of each owner; context-prefixed copies come later). With more examples than
+    ``train_batch_size`` a request is trained in only part of the steps, which the metadata shows."""
+    seen: set[int] = set()
+    for owner, n in zip(owners, report.updates):
+        if owner not in seen:
+            seen.add(owner)
+            targets[owner].train_updates = n
+    return targets
+
+
+def warn_partial_batches(hp: MixSDHyperParams, n_requests: int, n_examples: int, cfg: TrainConfig) -> None:
+    """A batch larger than ``train_batch_size``: each request's target sits in about bs/n of the steps
+    (with ``delta: key_rank_one`` its own vectors get no target gradient in the others), so it is trained
+    less than in a smaller batch. Logged; the per-request ``train_updates`` metadata has the counts."""
+    if n_examples > hp.train_batch_size and cfg.num_steps > 0:
+        share = hp.train_batch_size / n_examples
+        log.warning("MixSD: %d training examples (%d requests) > train_batch_size %d: each target is in about "
+                    "%.0f%% of the %d steps (~%.0f updates); raise train_batch_size or min_epochs to train every "
+                    "request as much as in a smaller batch", n_examples, n_requests, hp.train_batch_size,
+                    100 * share, cfg.num_steps, share * cfg.num_steps)
 
 
 def mixsd_loss(preserve: PreservationKL | None, weight: float, delta: KeyDirectedDelta | None = None,

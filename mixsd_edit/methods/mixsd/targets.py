@@ -148,11 +148,15 @@ class MixedTarget:
     attempts: int                     # mixed decodes tried (the fallback decode not counted)
     fallback: str | None              # None, "forced_prefix" or "skip"
     finish_reason: str
+    train_updates: int | None = None  # set by training: the steps whose minibatch held this target
 
     def metadata(self) -> dict:
-        return {"target_text": self.text, "target_tokens": len(self.target_ids or []),
+        meta = {"target_text": self.text, "target_tokens": len(self.target_ids or []),
                 "naive_fraction": round(self.naive_fraction, 4), "attempts": self.attempts,
                 "fallback": self.fallback, "finish_reason": self.finish_reason}
+        if self.train_updates is not None:
+            meta["train_updates"] = self.train_updates
+        return meta
 
 
 class MixedTargetError(RuntimeError):
