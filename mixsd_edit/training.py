@@ -112,10 +112,10 @@ def train_nll(model, params: dict[str, torch.nn.Parameter], examples: Sequence[E
 
             steps = tqdm(steps, desc=desc, leave=False)
         for _ in steps:
-            order = torch.randperm(n, generator=gen).tolist() if n > bs else list(range(n))
-            for i in order[:bs]:
+            batch = torch.randperm(n, generator=gen).tolist()[:bs] if n > bs else list(range(n))
+            for i in batch:
                 updates[i] += 1
-            loss = loss_fn(model, [examples[i] for i in order[:bs]], pad_id, dev)
+            loss = loss_fn(model, [examples[i] for i in batch], pad_id, dev)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.grad_clip is not None:

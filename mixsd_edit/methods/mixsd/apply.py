@@ -83,15 +83,16 @@ def record_updates(targets: list[MixedTarget], owners: list[int], report: TrainR
 
 
 def warn_partial_batches(hp: MixSDHyperParams, n_requests: int, n_examples: int, cfg: TrainConfig) -> None:
-    """A batch larger than ``train_batch_size``: each request's target sits in about bs/n of the steps
-    (with ``delta: key_rank_one`` its own vectors get no target gradient in the others), so it is trained
-    less than in a smaller batch. Logged; the per-request ``train_updates`` metadata has the counts."""
-    if n_examples > hp.train_batch_size and cfg.num_steps > 0:
+    """``delta: key_rank_one`` with a batch larger than ``train_batch_size``: each request's own vectors get
+    their target's gradient in only about bs/n of the steps, so it is trained less than in a smaller batch
+    (``full`` fine-tunes shared matrices, where minibatches are the design and ``min_epochs`` covers them).
+    Logged; the per-request ``train_updates`` metadata has the counts."""
+    if hp.delta == "key_rank_one" and n_examples > hp.train_batch_size and cfg.num_steps > 0:
         share = hp.train_batch_size / n_examples
         log.warning("MixSD: %d training examples (%d requests) > train_batch_size %d: each target is in about "
-                    "%.0f%% of the %d steps (~%.0f updates); raise train_batch_size or min_epochs to train every "
-                    "request as much as in a smaller batch", n_examples, n_requests, hp.train_batch_size,
-                    100 * share, cfg.num_steps, share * cfg.num_steps)
+                    "%.0f%% of the %d steps (~%.0f updates); raise train_batch_size to train every request in "
+                    "every step (more steps via min_epochs gave efficacy back but cost locality: BENCHMARKS.md §24)",
+                    n_examples, n_requests, hp.train_batch_size, 100 * share, cfg.num_steps, share * cfg.num_steps)
 
 
 def mixsd_loss(preserve: PreservationKL | None, weight: float, delta: KeyDirectedDelta | None = None,
