@@ -204,3 +204,53 @@ def test_after_subject_scores_every_position_from_the_name_on(word_tok, corpus, 
 def test_swap_positions_must_be_known():
     with pytest.raises(HyperParamsError, match="preserve_swap_positions"):
         mixsd_hparams(preserve_swap_positions="everywhere")
+
+
+# --- preserve_checkpoint: the same term and the same edit, with the activations recomputed in backward -----
+
+@pytest.mark.parametrize("delta", ["full", "key_rank_one"])
+def test_checkpointing_gives_bit_identical_edits(word_tok, corpus, monkeypatch, delta):
+    """With ``preserve_checkpoint`` the term's forward passes run again in backward: the edited weights
+    must equal the ones trained without it bit for bit (text + swapped prompts in several length groups)."""
+    monkeypatch.setattr(preserve_mod, "entity_names", lambda text: list(_WORD_NAMES))
+    reqs = _reqs() + [{"prompt": "w5 w6 w8 Q", "target_new": "w31", "subject": "w6"}]
+    runs, used = [], []
+    real = preserve_mod.checkpoint
+
+    def counting(*a, **kw):
+        used.append(1)
+        return real(*a, **kw)
+    monkeypatch.setattr(preserve_mod, "checkpoint", counting)
+    for ckpt in (False, True):
+        model = tiny_llama(len(word_tok))
+        hp = _hp(corpus, preserve_weight=5.0, preserve_swaps=3, delta=delta, preserve_checkpoint=ckpt)
+        _, wc = apply_mixsd_to_model(model, word_tok, reqs, hp, return_orig_weights=True)
+        runs.append({k: model.get_parameter(k).detach().clone() for k in wc})
+        if not ckpt:
+            assert not used
+    assert used  # the checkpointed run went through torch.utils.checkpoint
+    assert any(not torch.equal(runs[0][k], wc[k]) for k in wc)  # the edit changed something
+    assert runs[0].keys() == runs[1].keys()
+    assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
+
+
+def test_checkpointed_term_has_the_same_value_and_gradient(word_tok, corpus, monkeypatch):
+    monkeypatch.setattr(preserve_mod, "entity_names", lambda text: list(_WORD_NAMES))
+    base = tiny_llama(len(word_tok))
+    terms = [PreservationKL(base, word_tok, _hp(corpus, preserve_weight=1.0, preserve_swaps=3,
+                                                  preserve_checkpoint=c), _reqs()) for c in (False, True)]
+    assert len(terms[1].groups) >= 1
+    model = tiny_llama(len(word_tok))
+    w = model.model.layers[0].mlp.down_proj.weight
+    with torch.no_grad():
+        w.add_(0.5 * torch.randn_like(w))
+    out = []
+    for term in terms:
+        model.zero_grad()
+        kl = term(model)
+        kl.backward()
+        out.append((kl.detach().clone(), w.grad.clone()))
+    assert float(out[0][0]) > 1e-3
+    assert torch.equal(out[0][0], out[1][0]) and torch.equal(out[0][1], out[1][1])
+    with torch.no_grad():  # no graph: checkpointing is skipped, the value is the same
+        assert torch.equal(terms[1](model), out[0][0])

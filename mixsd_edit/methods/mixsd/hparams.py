@@ -66,6 +66,8 @@ class MixSDHyperParams(HyperParams):
     preserve_swaps: int            # + per request, k prompts with the subject swapped for a name from
                                    #   preserve_dataset, KL at their last position (0 = off)
     preserve_swap_positions: str   # last | after_subject: which positions of a swapped prompt are scored
+    preserve_checkpoint: bool      # recompute the term's forward passes in backward (same gradients, less
+                                   #   memory, more time; for batches of hundreds of requests with swaps)
 
     def template_fields(self, request: dict) -> dict[str, str]:
         """The fields ``naive_template`` and ``expert_template`` are formatted with."""

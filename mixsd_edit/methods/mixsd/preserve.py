@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
 from mixsd_edit.lm_utils import coarse_kl, rest_logp
 from mixsd_edit.methods.locate.stats import corpus_file, token_chunks
@@ -57,6 +58,7 @@ class PreservationKL:
         seqs = [ids for ids, _ in token_chunks(tok, corpus, hp.preserve_n_tokens, hp.preserve_seq_len)]
         if not seqs:
             raise ValueError(f"preserve_dataset {hp.preserve_dataset!r} gave no text")
+        self.checkpoint = bool(hp.preserve_checkpoint)
         dev = next(model.parameters()).device
         ids, mask = pad_right(seqs, pad_id_of(tok))
         self.ids, self.mask = ids.to(dev), mask.to(dev)
@@ -116,15 +118,28 @@ class PreservationKL:
             out.append((ids, first))
         return out
 
-    def __call__(self, model) -> torch.Tensor:
+    def _text_kl(self, model) -> torch.Tensor:
         q_top = self._text_logp(model).gather(-1, self.top_idx)
-        kl = coarse_kl(self.top_logp, self.rest_logp, q_top, rest_logp(q_top))
+        return coarse_kl(self.top_logp, self.rest_logp, q_top, rest_logp(q_top))
+
+    def _group_kl(self, model, i: int) -> torch.Tensor:
+        top, mask = self.group_top[i], self.group_masks[i]
+        q = self._tail_logp(model, self.groups[i], mask.shape[1]).gather(-1, top.indices)
+        return coarse_kl(top.values, self.group_rest[i], q, rest_logp(q))
+
+    def _run(self, fn, *args) -> torch.Tensor:
+        """``fn(*args)``; with ``preserve_checkpoint`` its activations are not kept but recomputed in
+        backward (the same operations on the same inputs: the same gradients), so the peak holds one
+        forward pass (the text, or one group of swapped prompts) at a time instead of all of them."""
+        if self.checkpoint and torch.is_grad_enabled():
+            return checkpoint(fn, *args, use_reentrant=False)
+        return fn(*args)
+
+    def __call__(self, model) -> torch.Tensor:
+        kl = self._run(self._text_kl, model)
         m = self.mask.to(kl.dtype)
         text = (kl * m).sum() / m.sum()
         if not self.groups:
             return text
-        swapped = []
-        for ids, mask, top, rest in zip(self.groups, self.group_masks, self.group_top, self.group_rest):
-            q = self._tail_logp(model, ids, mask.shape[1]).gather(-1, top.indices)
-            swapped.append(coarse_kl(top.values, rest, q, rest_logp(q))[mask])
+        swapped = [self._run(self._group_kl, model, i)[mask] for i, mask in enumerate(self.group_masks)]
         return text + torch.cat(swapped).mean()

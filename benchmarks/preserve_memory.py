@@ -1,0 +1,100 @@
+"""Peak memory and time of a MixSD batch apply with and without ``preserve_checkpoint``, in one run.
+
+The preservation term scores ``preserve_n_tokens`` of text and ``preserve_swaps`` swapped prompts per request
+at every training step; without checkpointing the activations of all of them are held until backward, so
+the peak grows with requests x swaps (BENCHMARKS.md §23: 16.6 GB for 200 edits with the batch YAML).
+``preserve_checkpoint: true`` recomputes each forward pass (the text, one group of equal-length swapped
+prompts) in backward instead.
+
+Each variant runs in its own child process (a fresh high-water mark): load the model, apply the CounterFact
+cases in --cases as ONE batch with the hparams file (``num_steps`` --steps, ``min_epochs`` 0 so both variants
+take the same steps), and report the apply time, the process's peak RSS (``ru_maxrss``), the RSS after the
+model load, and a hash of the edited weights (the two variants must agree bit for bit).
+
+    PYTHONPATH=. python3 benchmarks/preserve_memory.py --cases 500:550 --steps 3
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+DATA = Path(os.environ.get("MIXSD_EDIT_SHARED_DATA", ROOT.parent / "shared" / "data"))
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def child(args) -> dict:
+    import torch
+
+    from mixsd_edit.data.loaders import load_counterfact
+    from mixsd_edit.methods.mixsd import MixSDHyperParams, apply_mixsd_to_model
+    from mixsd_edit.models import load_model_and_tokenizer
+
+    torch.set_num_threads(args.threads)
+    hp = MixSDHyperParams.from_hparams(args.hparams)
+    hp = replace(hp, num_steps=args.steps, min_epochs=0.0, preserve_checkpoint=args.checkpoint == "on",
+                 batch_size=max(hp.batch_size, 100000))
+    a, b = (int(x) for x in args.cases.split(":"))
+    requests = load_counterfact(args.data, n=b - a, start=a)
+    model, tok = load_model_and_tokenizer(hp.model_name)
+    loaded = _rss_mb()
+    meta: list[dict] = []
+    t0 = time.perf_counter()
+    model, wc = apply_mixsd_to_model(model, tok, requests, hp, return_orig_weights=True, metadata_out=meta)
+    seconds = time.perf_counter() - t0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    h = hashlib.sha256()
+    for name in sorted(wc):
+        h.update(model.get_parameter(name).detach().cpu().contiguous().numpy().tobytes())
+    return {"checkpoint": args.checkpoint, "requests": len(requests), "steps": meta[0]["train_steps"],
+            "apply_s": seconds, "peak_rss_mb": peak, "rss_after_load_mb": loaded,
+            "peak_above_load_mb": peak - loaded, "weights_sha256": h.hexdigest()}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--hparams", default=str(ROOT / "hparams" / "MixSD" / "smollm2-135m-instruct-batch.yaml"))
+    ap.add_argument("--data", default=str(DATA / "counterfact_easyedit" / "counterfact-edit-1k.json"))
+    ap.add_argument("--cases", default="500:550", help="a:b, one batch (tuning cases by default)")
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", default=None, help="write both results as JSON here")
+    ap.add_argument("--checkpoint", choices=("on", "off"), default=None, help=argparse.SUPPRESS)  # child mode
+    args = ap.parse_args(argv)
+    if args.checkpoint:
+        print(json.dumps(child(args)))
+        return
+    rows = []
+    for mode in ("off", "on"):
+        cmd = [sys.executable, __file__, "--hparams", args.hparams, "--data", args.data, "--cases", args.cases,
+               "--steps", str(args.steps), "--threads", str(args.threads), "--checkpoint", mode]
+        out = subprocess.run(cmd, check=True, capture_output=True, text=True,
+                             env={**os.environ, "PYTHONPATH": str(ROOT)}).stdout
+        rows.append(json.loads(out.strip().splitlines()[-1]))
+    off, on = rows
+    print(f"{Path(args.hparams).name}: cases {args.cases} ({off['requests']} requests, one batch), {off['steps']} steps")
+    print("| preserve_checkpoint | apply s | peak RSS MB | peak above model load MB |")
+    print("|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['checkpoint']} | {r['apply_s']:.1f} | {r['peak_rss_mb']:.0f} | {r['peak_above_load_mb']:.0f} |")
+    print(f"ratios on/off: time x{on['apply_s'] / off['apply_s']:.2f}, peak RSS x{on['peak_rss_mb'] / off['peak_rss_mb']:.2f}, "
+          f"peak above load x{on['peak_above_load_mb'] / off['peak_above_load_mb']:.2f}; "
+          f"edited weights identical: {on['weights_sha256'] == off['weights_sha256']}")
+    if args.out:
+        Path(args.out).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
