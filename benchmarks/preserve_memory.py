@@ -8,7 +8,7 @@ prompts) in backward instead.
 
 Each variant runs in its own child process (a fresh high-water mark): load the model, apply the CounterFact
 cases in --cases as ONE batch with the hparams file (``num_steps`` --steps, ``min_epochs`` 0 so both variants
-take the same steps), and report the apply time, the process's peak RSS (``ru_maxrss``), the RSS after the
+take the same steps), and report the apply time, the process's peak RSS (``peak_memory``, as the bench runner reports it), the RSS after the
 model load, and a hash of the edited weights (the two variants must agree bit for bit).
 
     PYTHONPATH=. python3 benchmarks/preserve_memory.py --cases 500:550 --steps 3
@@ -19,7 +19,6 @@ import argparse
 import hashlib
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -39,22 +38,22 @@ def child(args) -> dict:
     import torch
 
     from mixsd_edit.data.loaders import load_counterfact
+    from mixsd_edit.bench.runner import peak_memory
     from mixsd_edit.methods.mixsd import MixSDHyperParams, apply_mixsd_to_model
     from mixsd_edit.models import load_model_and_tokenizer
 
     torch.set_num_threads(args.threads)
-    hp = MixSDHyperParams.from_hparams(args.hparams)
-    hp = replace(hp, num_steps=args.steps, min_epochs=0.0, preserve_checkpoint=args.checkpoint == "on",
-                 batch_size=max(hp.batch_size, 100000))
     a, b = (int(x) for x in args.cases.split(":"))
     requests = load_counterfact(args.data, n=b - a, start=a)
+    hp = replace(MixSDHyperParams.from_hparams(args.hparams), num_steps=args.steps, min_epochs=0.0,
+                 preserve_checkpoint=args.checkpoint == "on", batch_size=len(requests))
     model, tok = load_model_and_tokenizer(hp.model_name)
     loaded = _rss_mb()
     meta: list[dict] = []
     t0 = time.perf_counter()
     model, wc = apply_mixsd_to_model(model, tok, requests, hp, return_orig_weights=True, metadata_out=meta)
     seconds = time.perf_counter() - t0
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = peak_memory()["peak_rss_mb"]
     h = hashlib.sha256()
     for name in sorted(wc):
         h.update(model.get_parameter(name).detach().cpu().contiguous().numpy().tobytes())

@@ -58,7 +58,7 @@ class PreservationKL:
         seqs = [ids for ids, _ in token_chunks(tok, corpus, hp.preserve_n_tokens, hp.preserve_seq_len)]
         if not seqs:
             raise ValueError(f"preserve_dataset {hp.preserve_dataset!r} gave no text")
-        self.checkpoint = bool(hp.preserve_checkpoint)
+        self.checkpoint = hp.preserve_checkpoint
         dev = next(model.parameters()).device
         ids, mask = pad_right(seqs, pad_id_of(tok))
         self.ids, self.mask = ids.to(dev), mask.to(dev)
