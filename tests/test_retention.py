@@ -71,6 +71,41 @@ def test_kl_zero_for_same_model_positive_after_change_and_exact_with_full_vocab(
     assert 0.0 < top["score"] <= full["score"] + 1e-7  # coarsening never increases KL
 
 
+def _bos_word_tokenizer():
+    """The word tokenizer, but prepending a BOS to every encoding (as Gemma's does)."""
+    from tokenizers.processors import TemplateProcessing
+    from transformers import PreTrainedTokenizerFast
+    from conftest import make_word_tokenizer
+
+    inner = make_word_tokenizer().backend_tokenizer
+    inner.add_special_tokens(["<bos>"])
+    bos = inner.token_to_id("<bos>")
+    inner.post_processor = TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", bos)])
+    return PreTrainedTokenizerFast(tokenizer_object=inner, pad_token="<pad>", eos_token="<eos>",
+                                   unk_token="<unk>", bos_token="<bos>")
+
+
+def test_kl_with_a_bos_tokenizer_compares_the_same_positions():
+    """Regression: the stored sequences already begin with BOS; scoring them as fresh windows put a
+    second BOS in front and compared every position with its neighbour (Gemma read 5.4 nats for the
+    unedited model)."""
+    tok = _bos_word_tokenizer()
+    assert tok("w1 w2")["input_ids"][0] == tok.bos_token_id
+    model = tiny_llama(len(tok))
+    windows = _windows(2, 12)
+    ref = capture_reference_logprobs(model, tok, windows, top_k=None, batch_size=2)
+    assert all(ids[0] == tok.bos_token_id and ids[1:] == w for ids, w in zip(ref.input_ids, windows))
+    assert mean_kl(model, tok, ref, batch_size=2)["score"] == 0.0
+    with torch.no_grad():
+        base = [model(input_ids=torch.tensor([[tok.bos_token_id] + w])).logits[0].log_softmax(-1) for w in windows]
+    _perturbed(model)
+    got = mean_kl(model, tok, ref, batch_size=2)
+    with torch.no_grad():
+        exact = torch.cat([(p.exp() * (p - model(input_ids=torch.tensor([[tok.bos_token_id] + w])).logits[0]
+                                       .log_softmax(-1))).sum(-1) for p, w in zip(base, windows)]).mean().item()
+    assert got["n"] == 26 and got["score"] == pytest.approx(exact, rel=1e-4) and exact > 0
+
+
 def test_coarse_kl_matches_kl_of_bucketed_distributions():
     p = torch.tensor([0.5, 0.3, 0.2]).log()
     q = torch.tensor([0.25, 0.25, 0.5]).log()

@@ -194,11 +194,15 @@ class ReferenceLogprobs:
     top_k: int
 
 
-@torch.no_grad()
 def _window_logprobs(model, tok, windows, batch_size):
-    """Yield (input ids, [L, V] float32 log-probs) per window."""
+    """Yield (input ids, [L, V] float32 log-probs) per window, the tokenizer's BOS (if any) prepended."""
     bos = _bos(tok)
-    seqs = [bos + list(w) for w in windows]
+    return _sequence_logprobs(model, tok, [bos + list(w) for w in windows], batch_size)
+
+
+@torch.no_grad()
+def _sequence_logprobs(model, tok, seqs, batch_size):
+    """Yield (input ids, [L, V] float32 log-probs) per sequence, scored exactly as given."""
     for s in range(0, len(seqs), batch_size):
         chunk = seqs[s:s + batch_size]
         ids, mask = pad_right(chunk, pad_id_of(tok))
@@ -227,7 +231,8 @@ def mean_kl(model, tok, reference: ReferenceLogprobs, batch_size: int = 4) -> di
     """Mean over all positions of KL(reference || model) of next-token distributions (nats)."""
     per_window: list[float] = []
     total, count = 0.0, 0
-    for w, (seq, logp) in enumerate(_window_logprobs(model, tok, reference.input_ids, batch_size)):
+    # reference.input_ids already hold any BOS: score them as stored, not as fresh windows
+    for w, (seq, logp) in enumerate(_sequence_logprobs(model, tok, reference.input_ids, batch_size)):
         q_top = logp.gather(-1, reference.top_idx[w].to(logp.device).long()).cpu()
         kl = coarse_kl(reference.top_logp[w], reference.rest_logp[w], q_top, rest_logp(q_top))
         per_window.append(kl.mean().item())
