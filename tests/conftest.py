@@ -150,7 +150,7 @@ def locate_hparams(alg: str, corpus, **overrides):
     if alg == "ROME":
         base.update(sequential=False)
     else:
-        base.update(batch_size=2, layers=[0, 1], mom2_update_weight=10.0)
+        base.update(batch_size=2, layers=[0, 1], mom2_update_weight=10.0, mlp_output_norm_tmp=None)
     base.update(overrides)
     return get_method(alg).hparams_cls.from_dict(base)
 

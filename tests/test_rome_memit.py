@@ -56,7 +56,7 @@ def hparams(cls, corpus, **over):
     if cls is ROMEHyperParams:
         base.update(alg_name="ROME", sequential=False)
     else:
-        base.update(alg_name="MEMIT", layers=[0, 1], mom2_update_weight=10.0)
+        base.update(alg_name="MEMIT", layers=[0, 1], mom2_update_weight=10.0, mlp_output_norm_tmp=None)
     base.update(over)
     return cls.from_dict(base)
 
@@ -328,3 +328,60 @@ def test_registry():
 
     assert get_method("ROME").batchable is False and get_method("ROME").apply_fn is apply_rome_to_model
     assert get_method("MEMIT").batchable is True and get_method("MEMIT").hparams_cls is MEMITHyperParams
+
+
+# ----------------------------------------------------------------------------- post-MLP norm (Gemma)
+def tiny_gemma3(vocab_size: int, seed: int = 0, layers: int = 3):
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(seed)
+    cfg = Gemma3TextConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                           num_attention_heads=4, num_key_value_heads=1, head_dim=16, max_position_embeddings=256,
+                           sliding_window=16, pad_token_id=0, eos_token_id=1, bos_token_id=None)
+    model = Gemma3ForCausalLM(cfg).eval()
+    with torch.no_grad():  # random norm weights (fresh ones are all zero, i.e. scale 1), and MLP outputs of
+        for layer in model.model.layers:  # about unit size before that norm (at init they are ~0.03)
+            layer.post_feedforward_layernorm.weight.uniform_(-0.5, 1.0)
+            layer.mlp.down_proj.weight.mul_(30.0)
+    return model
+
+
+def test_through_output_norm_moves_the_norm_output_by_a_reachable_change():
+    from mixsd_edit.methods.memit.core import through_output_norm
+
+    model = tiny_gemma3(50)
+    norm = model.model.layers[0].post_feedforward_layernorm
+    g = torch.Generator().manual_seed(0)
+    x, x2 = torch.randn(3, 64, generator=g), torch.randn(3, 64, generator=g)
+    with torch.no_grad():
+        r = norm(x2) - norm(x)  # reachable: the output of another input
+        d = through_output_norm(norm, x, r)
+        torch.testing.assert_close(norm(x + d), norm(x) + r, atol=1e-3, rtol=1e-3)
+        naive_err = (norm(x + r) - norm(x) - r).norm()  # writing r into the input as is
+        assert naive_err > 10 * (norm(x + d) - norm(x) - r).norm()
+
+
+def test_memit_with_post_mlp_norm_reaches_its_value_targets(tok, corpus):
+    # one edited layer: the change of its output is then exactly what the update writes through the norm
+    over = dict(fact_token="last", context_templates=["{}"], v_num_grad_steps=20, clamp_norm_factor=0.1,
+                v_weight_decay=0.0, mom2_update_weight=1e-3, layers=[1], v_loss_layer=2)
+    miss = {}
+    for norm_tmp in (None, "model.layers.{layer}.post_feedforward_layernorm"):
+        model = tiny_gemma3(len(tok))
+        before = state(model)
+        trace = {}
+        execute_memit(model, tok, REQS[:2], hparams(MEMITHyperParams, corpus, mlp_output_norm_tmp=norm_tmp, **over),
+                      progress=False, trace=trace)
+        assert_same(model, before)
+        miss[norm_tmp] = float((trace["target"] - trace["reached"]).norm() / (trace["target"] - trace["start"]).norm())
+    mapped = miss["model.layers.{layer}.post_feedforward_layernorm"]
+    assert mapped < 0.2 and mapped < 0.1 * miss[None], miss
+
+
+def test_memit_post_mlp_norm_template_must_exist(tok, corpus):
+    model = tiny_llama(len(tok), layers=3)
+    hp = hparams(MEMITHyperParams, corpus, mlp_output_norm_tmp="model.layers.{layer}.post_feedforward_layernorm")
+    with pytest.raises(ValueError, match="post_feedforward_layernorm"):
+        execute_memit(model, tok, REQS[:1], hp, progress=False)
+    with pytest.raises(HyperParamsError, match="mlp_output_norm_tmp"):
+        hparams(MEMITHyperParams, corpus, mlp_output_norm_tmp="model.norm")
