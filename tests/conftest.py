@@ -113,6 +113,17 @@ def tiny_llama(vocab_size: int, seed: int = 0, layers: int = 2):
     return LlamaForCausalLM(cfg).eval()
 
 
+def tiny_gemma3(vocab_size: int, seed: int = 0, layers: int = 2, sliding_window: int = 4):
+    """A tiny random Gemma3 (post-MLP norm, sliding-window layers, BOS id 2 in the config)."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(seed)
+    cfg = Gemma3TextConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                           num_attention_heads=4, num_key_value_heads=1, head_dim=16, max_position_embeddings=256,
+                           sliding_window=sliding_window, pad_token_id=0, eos_token_id=1, bos_token_id=2)
+    return Gemma3ForCausalLM(cfg).eval()
+
+
 def mixsd_hparams(**overrides):
     from mixsd_edit.methods.mixsd import MixSDHyperParams
 

@@ -4,7 +4,7 @@ import random
 import pytest
 import torch
 
-from conftest import mixsd_hparams
+from conftest import mixsd_hparams, tiny_gemma3
 from mixsd_edit.methods.mixsd import apply_mixsd_to_model
 from mixsd_edit.methods.mixsd.targets import decode_mixed
 from mixsd_edit.weights import restore_weights
@@ -20,17 +20,7 @@ def _qwen3(v):
                                         pad_token_id=0, eos_token_id=1)).eval()
 
 
-def _gemma3(v):
-    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
-
-    torch.manual_seed(0)
-    return Gemma3ForCausalLM(Gemma3TextConfig(vocab_size=v, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                              num_attention_heads=4, num_key_value_heads=1, head_dim=16,
-                                              max_position_embeddings=256, sliding_window=4,
-                                              pad_token_id=0, eos_token_id=1, bos_token_id=2)).eval()
-
-
-@pytest.mark.parametrize("build", [_qwen3, _gemma3], ids=["qwen3", "gemma3"])
+@pytest.mark.parametrize("build", [_qwen3, tiny_gemma3], ids=["qwen3", "gemma3"])
 def test_cached_mixed_decode_matches_full_recompute(word_tok, build):
     model = build(len(word_tok))
     enc = lambda s: word_tok(s, add_special_tokens=False)["input_ids"]
@@ -47,7 +37,7 @@ def test_cached_mixed_decode_matches_full_recompute(word_tok, build):
         assert res[i].ids == prefix
 
 
-@pytest.mark.parametrize("build", [_qwen3, _gemma3], ids=["qwen3", "gemma3"])
+@pytest.mark.parametrize("build", [_qwen3, tiny_gemma3], ids=["qwen3", "gemma3"])
 def test_apply_and_restore_bit_exact(word_tok, build):
     model = build(len(word_tok))
     before = {k: v.clone() for k, v in model.state_dict().items()}

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import REPO, tiny_llama
+from conftest import REPO, tiny_gemma3, tiny_llama
 
 from mixsd_edit.data.requests import RequestError
 from mixsd_edit.hparams import HyperParamsError
@@ -331,14 +331,8 @@ def test_registry():
 
 
 # ----------------------------------------------------------------------------- post-MLP norm (Gemma)
-def tiny_gemma3(vocab_size: int, seed: int = 0, layers: int = 3):
-    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
-
-    torch.manual_seed(seed)
-    cfg = Gemma3TextConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
-                           num_attention_heads=4, num_key_value_heads=1, head_dim=16, max_position_embeddings=256,
-                           sliding_window=16, pad_token_id=0, eos_token_id=1, bos_token_id=None)
-    model = Gemma3ForCausalLM(cfg).eval()
+def gemma3_with_post_norm(vocab_size: int):
+    model = tiny_gemma3(vocab_size, layers=3, sliding_window=16)
     with torch.no_grad():  # random norm weights (fresh ones are all zero, i.e. scale 1), and MLP outputs of
         for layer in model.model.layers:  # about unit size before that norm (at init they are ~0.03)
             layer.post_feedforward_layernorm.weight.uniform_(-0.5, 1.0)
@@ -349,7 +343,7 @@ def tiny_gemma3(vocab_size: int, seed: int = 0, layers: int = 3):
 def test_through_output_norm_moves_the_norm_output_by_a_reachable_change():
     from mixsd_edit.methods.memit.core import through_output_norm
 
-    model = tiny_gemma3(50)
+    model = gemma3_with_post_norm(50)
     norm = model.model.layers[0].post_feedforward_layernorm
     g = torch.Generator().manual_seed(0)
     x, x2 = torch.randn(3, 64, generator=g), torch.randn(3, 64, generator=g)
@@ -367,7 +361,7 @@ def test_memit_with_post_mlp_norm_reaches_its_value_targets(tok, corpus):
                 v_weight_decay=0.0, mom2_update_weight=1e-3, layers=[1], v_loss_layer=2)
     miss = {}
     for norm_tmp in (None, "model.layers.{layer}.post_feedforward_layernorm"):
-        model = tiny_gemma3(len(tok))
+        model = gemma3_with_post_norm(len(tok))
         before = state(model)
         trace = {}
         execute_memit(model, tok, REQS[:2], hparams(MEMITHyperParams, corpus, mlp_output_norm_tmp=norm_tmp, **over),

@@ -140,14 +140,12 @@ def through_output_norm(norm: torch.nn.Module, x: torch.Tensor, r: torch.Tensor)
         raise ValueError(f"mlp_output_norm_tmp: {type(norm).__name__} does not act as an RMS norm g ⊙ x / rms(x) "
                          f"(max deviation {float((model_y - y).abs().max()):.3g}); MEMIT cannot map its targets through it")
     t = y + r64
+    if not bool(torch.isfinite(t).all()):
+        raise ValueError("mlp_output_norm_tmp: the norm's output or the residual target is not finite")
     g2, gt = g * g, g * t  # [dim], [n, dim]
     lo = (-g2.min() + 1e-12).expand(t.shape[0]).clone()  # |u(μ)| falls from +inf (near -min g²) to 0
-    hi = torch.full_like(lo, 1.0)
-    while True:  # grow hi until |u(hi)|² <= dim for every row
-        small = (gt / (g2 + hi[:, None])).pow(2).sum(-1) <= dim
-        if bool(small.all()):
-            break
-        hi = torch.where(small, hi, hi * 4)
+    # an upper bound on μ per row: |u(μ)|² <= |g t|² / μ², so |u|² <= dim at μ = |g t| / sqrt(dim)
+    hi = gt.norm(dim=-1).div(dim ** 0.5).clamp(min=1.0)
     for _ in range(200):
         mid = (lo + hi) / 2
         big = (gt / (g2 + mid[:, None])).pow(2).sum(-1) > dim
