@@ -4,7 +4,8 @@ For each hyperparameter variant (the shipped YAML plus JSON overrides) every cas
 scored, and restored:
 - rewrite_acc / rephrase_acc: teacher-forced token accuracy of target_new after prompt / rephrase;
 - locality: agreement of argmax tokens over loc_prompt + " " + loc_answer before vs after the edit;
-- rewrite_gen_em (with --gen-tokens N > 0): greedy continuation of the prompt starts with target_new.
+- rewrite_gen_em (with --gen-tokens N > 0): greedy continuation of the prompt starts with target_new;
+- fallback (MixSD only): share of cases whose mixed target needed the declared fallback (forced_prefix/skip).
 (Definitions: mixsd_edit/evaluation/metrics.py.) Use cases outside the first 200 of the 1k file:
 those are the evaluation cases.
 
@@ -52,8 +53,10 @@ def evaluate_variant(model, tok, alg, hp, cases, loc_before, gen_tokens):
     for c, before in zip(cases, loc_before):
         req = {"prompt": c["prompt"], "target_new": c["target_new"], "ground_truth": c["ground_truth"],
                "subject": c["subject"], "case_id": c["case_id"]}  # no eval fields: nothing to leak
+        meta: list[dict] = []
+        extra = {"metadata_out": meta} if alg == "MixSD" else {}
         t0 = time.perf_counter()
-        _, wc = apply_fn(model, tok, [req], hp, return_orig_weights=True)
+        _, wc = apply_fn(model, tok, [req], hp, return_orig_weights=True, **extra)
         secs = time.perf_counter() - t0
         row = {"case_id": c["case_id"], "secs": secs,
                "rewrite_acc": teacher_forced_accuracy(model, tok, fmt, [c["prompt"]], [c["target_new"]])[0],
@@ -63,9 +66,12 @@ def evaluate_variant(model, tok, alg, hp, cases, loc_before, gen_tokens):
             g = greedy_generate(model, tok, fmt, [c["prompt"]], gen_tokens)[0]
             row["rewrite_gen_em"] = generation_match(g, c["target_new"])
             row["gen"] = g
+        if meta:
+            row["fallback"] = float(meta[0]["fallback"] is not None)
+            row["target_text"] = meta[0]["target_text"]
         restore_weights(model, wc)
         rows.append(row)
-    keys = [k for k in ("rewrite_acc", "rephrase_acc", "locality", "rewrite_gen_em", "secs") if k in rows[0]]
+    keys = [k for k in ("rewrite_acc", "rephrase_acc", "locality", "rewrite_gen_em", "fallback", "secs") if k in rows[0]]
     return {k: statistics.fmean(r[k] for r in rows) for k in keys}, rows
 
 
