@@ -53,10 +53,9 @@ def evaluate_variant(model, tok, alg, hp, cases, loc_before, gen_tokens):
     for c, before in zip(cases, loc_before):
         req = {"prompt": c["prompt"], "target_new": c["target_new"], "ground_truth": c["ground_truth"],
                "subject": c["subject"], "case_id": c["case_id"]}  # no eval fields: nothing to leak
-        meta: list[dict] = []
-        extra = {"metadata_out": meta} if alg == "MixSD" else {}
+        meta: list[dict] = []  # per-request metadata; only MixSD fills it (as for the editor)
         t0 = time.perf_counter()
-        _, wc = apply_fn(model, tok, [req], hp, return_orig_weights=True, **extra)
+        _, wc = apply_fn(model, tok, [req], hp, return_orig_weights=True, metadata_out=meta)
         secs = time.perf_counter() - t0
         row = {"case_id": c["case_id"], "secs": secs,
                "rewrite_acc": teacher_forced_accuracy(model, tok, fmt, [c["prompt"]], [c["target_new"]])[0],
