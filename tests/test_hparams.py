@@ -75,3 +75,30 @@ def test_registry_refuses_duplicates_and_unknown_names():
         register_method("MixSD", lambda *a, **k: None, object)
     with pytest.raises(KeyError, match="unknown editing method"):
         get_method("NoSuchMethod")
+
+
+# The variant YAMLs are their model's default YAML plus the overrides that BENCHMARKS.md's commands pass with
+# --methods 'LABEL=MixSD:<overrides>'; a variant edited without its benchmark command (or the reverse) fails here.
+VARIANTS = [
+    ("smollm2-135m-instruct-sequential-l2", "smollm2-135m-instruct",
+     "subject_key_names=64;subject_key_weight=1.0;delta_l2=3e-3"),
+    ("smollm2-135m-instruct-batch", "smollm2-135m-instruct",
+     "preserve_weight=30;preserve_dataset=model_samples;preserve_seq_len=32;exclude_batch_mean=true;preserve_swaps=8;"
+     "subject_key_names=16;subject_key_weight=0.3;delta_l2=3e-3;train_batch_size=256"),
+    ("gemma3-270m-batch", "gemma3-270m",
+     "preserve_weight=30;preserve_dataset=model_samples;preserve_seq_len=32;preserve_swaps=8;exclude_batch_mean=true;"
+     "train_batch_size=256;delta_l2=3e-2"),
+    ("gemma3-270m-sequential", "gemma3-270m", "delta_l2=3e-2"),
+]
+
+
+@pytest.mark.parametrize("variant,base,overrides", VARIANTS, ids=[v[0] for v in VARIANTS])
+def test_variant_yaml_is_its_default_plus_the_benchmarked_overrides(variant, base, overrides):
+    from mixsd_edit.bench.spec import parse_method_entry
+
+    cls = get_method("MixSD").hparams_cls
+    spec = parse_method_entry(f"V=MixSD:{overrides}")
+    default = cls.from_hparams(hparams_dir() / "MixSD" / f"{base}.yaml")
+    assert spec.overrides and all(default.to_dict()[k] != v for k, v in spec.overrides.items())
+    rebuilt = cls.from_dict({**default.to_dict(), **spec.overrides})
+    assert rebuilt == cls.from_hparams(hparams_dir() / "MixSD" / f"{variant}.yaml")
