@@ -4,6 +4,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from mixsd_edit.bench.spec import parse_method_entry, with_overrides
 from mixsd_edit.hparams import HyperParamsError, hparams_dir
 from mixsd_edit.methods import get_method, registered_methods
 
@@ -94,11 +95,9 @@ VARIANTS = [
 
 @pytest.mark.parametrize("variant,base,overrides", VARIANTS, ids=[v[0] for v in VARIANTS])
 def test_variant_yaml_is_its_default_plus_the_benchmarked_overrides(variant, base, overrides):
-    from mixsd_edit.bench.spec import parse_method_entry
-
     cls = get_method("MixSD").hparams_cls
     spec = parse_method_entry(f"V=MixSD:{overrides}")
     default = cls.from_hparams(hparams_dir() / "MixSD" / f"{base}.yaml")
     assert spec.overrides and all(default.to_dict()[k] != v for k, v in spec.overrides.items())
-    rebuilt = cls.from_dict({**default.to_dict(), **spec.overrides})
+    rebuilt = with_overrides(default, spec.overrides)
     assert rebuilt == cls.from_hparams(hparams_dir() / "MixSD" / f"{variant}.yaml")

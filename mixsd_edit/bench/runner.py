@@ -40,7 +40,7 @@ import torch
 
 from mixsd_edit.bench import report
 from mixsd_edit.bench.spec import (MethodSpec, check_global_set, effective_overrides, expand_lambda_sweep,
-                                   parse_assignments, parse_floats, parse_methods)
+                                   parse_assignments, parse_floats, parse_methods, with_overrides)
 from mixsd_edit.data.loaders import FORMATS, SAMPLE_NAME, detect_format, load_requests
 from mixsd_edit.editor import BaseEditor
 from mixsd_edit.evaluation.counterfact import counterfact_scores
@@ -237,7 +237,7 @@ def plan_run(args, argv: list[str]) -> Plan:
         hp = cls.from_hparams(path)
         over = effective_overrides(s, cls, global_set)
         if over:
-            hp = cls.from_dict({**hp.to_dict(), **over}, source=f"{path} with overrides {over}")
+            hp = with_overrides(hp, over, source=f"{path} with overrides {over}")
         hps[s.label] = (hp, path, over)
     requests = load_requests(args.data, n=args.n, start=args.start, fmt=args.format)
     data_format = _data_format(args.data, args.format)

@@ -148,6 +148,12 @@ def effective_overrides(spec: MethodSpec, hparams_cls: type, global_set: dict[st
     return {**{k: v for k, v in global_set.items() if k in fields}, **spec.overrides}
 
 
+def with_overrides(hp, overrides: dict[str, Any], source: str | None = None):
+    """``hp`` with ``overrides`` applied through the loader (YAML strings such as ``3e-2`` coerced and every
+    field validated, as for a YAML file); a YAML variant equals its default ``with_overrides`` of the variant's keys."""
+    return type(hp).from_dict({**hp.to_dict(), **overrides}, source=source)
+
+
 def check_global_set(global_set: dict[str, Any], hparams_classes: Iterable[type]) -> None:
     """A --set key that no selected method declares is a typo, not something to ignore silently."""
     fields = set().union(*({f.name for f in dataclasses.fields(c)} for c in hparams_classes))
