@@ -19,6 +19,9 @@ What the editor guarantees (where EasyEdit surprises its users):
   score the edited model (e.g. ROME's CounterFact probabilities, retention suites) in single/batch
   modes too. ``case_ids`` are the chunk's positions in the call; in sequential mode the model holds
   every edit up to this chunk. Its return value is ignored; it must not change the weights.
+- A method that carries state along a sequence (registry ``sequence_kwargs``; MixSD's
+  ``past_edit_keys``, read when ``past_edit_key_weight`` > 0) gets fresh state for each sequential call,
+  so two sequences never share it; keywords the caller passes win (to continue a sequence across calls).
 - Nothing is seeded, logged to files, or printed at import.
 """
 from __future__ import annotations
@@ -124,6 +127,8 @@ class BaseEditor:
             raise ValueError(f"keep_edits=True needs a single chunk when sequential_edit=False "
                              f"({len(requests)} requests in {len(chunks)} chunks); use sequential_edit=True")
         show = self.progress and verbose
+        if sequential and self.method.sequence_kwargs is not None:  # state one sequence carries (caller's win)
+            apply_kwargs = {**self.method.sequence_kwargs(), **apply_kwargs}
         if self.method.validate_fn is not None:  # method-specific checks: before any work, indices of this call
             self.method.validate_fn(self.model, self.tok, requests, self.hparams, **apply_kwargs)
         pre = self._evaluate(requests)  # untouched model, every request, before any edit

@@ -5,11 +5,13 @@ import logging
 import math
 from typing import Any, Sequence
 
+import torch
+
 from mixsd_edit.data.requests import normalize_requests
 from mixsd_edit.methods.locate.stats import check_corpus, corpus_file, second_moments
 from mixsd_edit.methods.mixsd.hparams import MixSDHyperParams
-from mixsd_edit.methods.mixsd.key_delta import (KeyDirectedDelta, key_directions, subject_key_positions,
-                                                subject_keys, swapped_subject_moments)
+from mixsd_edit.methods.mixsd.key_delta import (KeyDirectedDelta, PastEditKeys, key_directions,
+                                                subject_key_positions, subject_keys, swapped_subject_moments)
 from mixsd_edit.methods.mixsd.prefixes import context_prefixes, prefixed_requests
 from mixsd_edit.methods.mixsd.preserve import PreservationKL
 from mixsd_edit.methods.mixsd.swaps import entity_names
@@ -35,8 +37,11 @@ def train_config(hp: MixSDHyperParams, n_examples: int = 1) -> TrainConfig:
 
 
 def execute_mixsd(model, tok, requests: list[dict], hp: MixSDHyperParams, params: dict, *,
-                  progress: bool = False) -> tuple[list[MixedTarget], TrainReport]:
-    """Targets from the model as it is, then train ``params`` in place (the caller restores on error)."""
+                  progress: bool = False, past_keys: PastEditKeys | None = None,
+                  keys_out: dict | None = None) -> tuple[list[MixedTarget], TrainReport]:
+    """Targets from the model as it is, then train ``params`` in place (the caller restores on error).
+    ``key_rank_one``: ``past_keys`` (with ``past_edit_key_weight`` > 0) steers the directions away from
+    earlier edits' subject keys; this call's subject keys are put in ``keys_out`` when given."""
     targets = build_mixed_targets(model, tok, requests, hp, progress=progress)
     owners = [i for i, t in enumerate(targets) if t.target_ids]
     examples = [(targets[i].context_ids, targets[i].target_ids) for i in owners]
@@ -60,7 +65,9 @@ def execute_mixsd(model, tok, requests: list[dict], hp: MixSDHyperParams, params
     # key_rank_one: train one vector per request and matrix, then write U Vᵀ into the weights
     modules = [n[: -len(".weight")] for n in params]
     keys = edit_subject_keys(model, tok, requests, hp, modules, prefixes)
-    covs = edit_key_covariances(model, tok, hp, modules, requests, text)
+    covs = with_past_edit_keys(edit_key_covariances(model, tok, hp, modules, requests, text), keys, hp, past_keys)
+    if keys_out is not None:
+        keys_out.update(keys)
     delta = KeyDirectedDelta(model, {m: key_directions(keys[m], covs.get(m), hp.exclude_batch_mean) for m in modules})
     owner_of = {id(ex): i for ex, i in zip(examples, owners)} if hp.isolate_requests else None
     loss_fn = mixsd_loss(preserve, hp.preserve_weight, delta, owner_of, hp.delta_l2)
@@ -144,6 +151,22 @@ def edit_key_covariances(model, tok, hp: MixSDHyperParams, modules: list[str], r
     return {m: covs[m] + hp.subject_key_weight * extra[m].to(covs[m].dtype) for m in modules}
 
 
+def with_past_edit_keys(covs: dict, keys: dict, hp: MixSDHyperParams, past_keys: PastEditKeys | None) -> dict:
+    """``C + past_edit_key_weight x Σ_j k_j k_jᵀ`` over the earlier edits' subject keys (``C`` = identity
+    where there are no key statistics); ``covs`` unchanged when the weight is 0 or nothing was edited yet."""
+    if hp.past_edit_key_weight <= 0 or past_keys is None or past_keys.count == 0:
+        return covs
+    out = dict(covs)
+    for m, K in keys.items():
+        C = covs.get(m)
+        if C is None:
+            C = torch.eye(K.shape[1], dtype=torch.float64, device=K.device)
+        S = past_keys.covariance_term(m, C)
+        if S is not None:
+            out[m] = C + hp.past_edit_key_weight * S
+    return out
+
+
 def key_covariances(model, tok, hp: MixSDHyperParams, modules: list[str]) -> dict:
     """``{module: C}`` from ``key_stats_dataset`` (a text file, or ``model_samples``: text the model
     samples itself; cached on disk like ROME's), or ``{}`` (identity)."""
@@ -188,18 +211,32 @@ def apply_mixsd_to_model(model, tok, requests: list[dict], hparams: MixSDHyperPa
 
     Per-request MixSD metadata (target text, realised naive fraction, attempts, fallback) is
     appended to the list passed as ``metadata_out`` if given.
+
+    ``past_edit_keys`` (a :class:`PastEditKeys`, one per sequence of calls; the editor passes a new
+    one to every ``sequential_edit``): with ``past_edit_key_weight`` > 0 and ``delta: key_rank_one``
+    this call's change avoids the subject keys of the edits made before it, and its own keys are
+    added once the call succeeded.
     """
     requests = check_mixsd_inputs(model, tok, requests, hparams)
     metadata_out = kwargs.get("metadata_out")
     progress = bool(kwargs.get("progress", False))
+    past_keys = kwargs.get("past_edit_keys")
+    if past_keys is not None and not isinstance(past_keys, PastEditKeys):
+        raise TypeError(f"past_edit_keys must be a PastEditKeys, got {type(past_keys).__name__}")
+    n_past = past_keys.count if past_keys is not None else 0
     model = begin_edit(model, copy)
     params = select_parameters(model, hparams.trainable_params, hparams.layers)
+    new_keys: dict = {}
     with EditTransaction(model, params) as tx:
-        targets, report = execute_mixsd(model, tok, requests, hparams, params, progress=progress)
+        targets, report = execute_mixsd(model, tok, requests, hparams, params, progress=progress,
+                                        past_keys=past_keys, keys_out=new_keys)
+    if past_keys is not None and new_keys:
+        past_keys.add(new_keys)
+    protected = n_past if hparams.past_edit_key_weight > 0 and hparams.delta == "key_rank_one" else 0
     if metadata_out is not None:
         for t in targets:
             meta = t.metadata()
             meta.update(train_steps=report.steps, train_loss_first=report.first_loss,
-                        train_loss_final=report.final_loss)
+                        train_loss_final=report.final_loss, past_edit_keys_protected=protected)
             metadata_out.append(meta)
     return model, tx.result(return_orig_weights, keep_original_weight)

@@ -55,6 +55,8 @@ class MixSDHyperParams(HyperParams):
     subject_key_weight: float      #   ... times this weight (C + w·E[k_name k_nameᵀ]; see key_delta.py)
     delta_l2: float                # key_rank_one: + delta_l2 x mean over requests of Σ_layers |u_i|² in the
                                    #   loss (the smallest change that writes the target; 0 = off)
+    past_edit_key_weight: float    # key_rank_one, sequential editing: C + w·Σ k_j k_jᵀ over the subject keys of
+                                   #   the edits already made in the sequence (protects them; 0 = off)
     context_prefixes: int          # + train each target after k openings taken from key_stats_dataset (and,
                                    #   key_rank_one, average the subject key over them); 0 = off (prefixes.py)
     context_prefix_words: int      #   ... of this many words each
@@ -132,6 +134,10 @@ class MixSDHyperParams(HyperParams):
             bad("delta_l2", f"must be >= 0, got {self.delta_l2}")
         if self.delta_l2 > 0 and self.delta != "key_rank_one":
             bad("delta_l2", "needs delta 'key_rank_one' (it penalises the trained vectors u_i)")
+        if self.past_edit_key_weight < 0:
+            bad("past_edit_key_weight", f"must be >= 0, got {self.past_edit_key_weight}")
+        if self.past_edit_key_weight > 0 and self.delta != "key_rank_one":
+            bad("past_edit_key_weight", "needs delta 'key_rank_one' (it shapes the key directions)")
         if self.context_prefixes < 0:
             bad("context_prefixes", f"must be >= 0, got {self.context_prefixes}")
         if self.context_prefix_words < 1:

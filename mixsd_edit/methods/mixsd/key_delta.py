@@ -27,6 +27,14 @@ and the directions use ``C + w·E[h hᵀ]`` instead of ``C`` — MEMIT's "keep t
 with the keys of other subjects in the same prompts instead of ordinary text. A neighbour's key then
 reaches less of each change (``benchmarks/subject_overlap.py`` measures it).
 
+``past_edit_key_weight: w`` protects the edits already made in a sequence: :class:`PastEditKeys`
+(one per sequence; the editor makes it for ``sequential_edit``) keeps ``Σ_j k_j k_jᵀ`` over the
+subject keys of the edits applied so far, and the directions use ``C + w·Σ_j k_j k_jᵀ``. With ``C`` a
+mean over corpus tokens, ``k_jᵀ C⁻¹ k_j`` is of the order of the key size, so already ``w = 1`` shrinks
+``vᵀ k_j`` (how much a new change reaches an earlier subject) about that many times: the new edit
+writes into the part of key space the earlier subjects do not use (AlphaEdit's null-space idea, for
+the earlier edits' keys only, in closed form).
+
 During training the change is applied by forward hooks (``y = W k + U (Vᵀ k)``); afterwards it is
 written into ``W`` once. The caller's :class:`~mixsd_edit.weights.EditTransaction` holds ``W``'s
 original value, so restore stays bit-exact.
@@ -189,3 +197,27 @@ class KeyDirectedDelta:
         for m, mod in self.modules.items():
             W = mod.weight
             W.add_((self.U[m].detach() @ self.V[m].T).to(W.dtype))
+
+
+class PastEditKeys:
+    """The subject keys of the edits already applied in one sequence: ``{module: Σ_j k_j k_jᵀ}`` (float64,
+    CPU) and their count. :func:`~mixsd_edit.methods.mixsd.apply.apply_mixsd_to_model` reads it (with
+    ``past_edit_key_weight`` > 0) and adds the call's keys after the call succeeded, so a failed edit leaves
+    it as it was. Keys are taken on the model as it was when each edit was made."""
+
+    def __init__(self) -> None:
+        self.moments: dict[str, torch.Tensor] = {}
+        self.count = 0
+
+    def add(self, keys: Mapping[str, torch.Tensor]) -> None:
+        n = None
+        for m, K in keys.items():
+            K = K.detach().to("cpu", torch.float64)
+            n = K.shape[0]
+            self.moments[m] = self.moments.get(m, 0) + K.T @ K
+        self.count += n or 0
+
+    def covariance_term(self, module: str, like: torch.Tensor) -> torch.Tensor | None:
+        """``Σ_j k_j k_jᵀ`` for ``module`` in ``like``'s dtype and device (None before the first edit)."""
+        S = self.moments.get(module)
+        return None if S is None else S.to(like.device, like.dtype)
