@@ -10,6 +10,10 @@ function to that dict and wrap the static method. Usage::
     register_into_easyedit()
     hp = as_easyedit_hparams(MixSDHyperParams.from_hparams("hparams/MixSD/qwen3-1.7b"))
     editor = easyeditor.BaseEditor.from_hparams(hp)
+
+EasyEdit's own sequential loop does not pass MixSD's ``past_edit_keys``, so a YAML with
+``past_edit_key_weight`` > 0 (``gemma3-270m-sequential.yaml``) protects no earlier edit there (logged once,
+and ``past_edit_keys_protected`` is None in the metadata); use mixsd_edit's ``sequential_edit`` for it.
 """
 from __future__ import annotations
 

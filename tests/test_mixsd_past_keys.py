@@ -73,8 +73,8 @@ def test_the_editor_gives_each_sequence_its_own_past_keys(word_tok, corpus):
         records, _, wc = ed.sequential_edit(reqs)
         assert [r["method_meta"]["past_edit_keys_protected"] for r in records] == [0, 1, 2]
         ed.restore(wc)
-    records, _, _ = ed.edit_requests(reqs)  # single edits: nothing earlier to protect
-    assert [r["method_meta"]["past_edit_keys_protected"] for r in records] == [0, 0, 0]
+    records, _, _ = ed.edit_requests(reqs)  # single edits: no sequence state, said as None
+    assert [r["method_meta"]["past_edit_keys_protected"] for r in records] == [None, None, None]
 
 
 def test_without_the_weight_the_past_keys_change_nothing(word_tok, corpus):

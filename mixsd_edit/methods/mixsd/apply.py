@@ -176,6 +176,26 @@ def key_covariances(model, tok, hp: MixSDHyperParams, modules: list[str]) -> dic
                           progress=False)
 
 
+_warned_no_past_keys = False
+
+
+def past_keys_protected(hp: MixSDHyperParams, past_keys: PastEditKeys | None, n_past: int) -> int | None:
+    """The per-request metadata ``past_edit_keys_protected``: how many earlier edits' keys this call avoided;
+    None when ``past_edit_key_weight`` asks for it but the caller passed no ``past_edit_keys`` (logged once:
+    right for single edits, but a sequence run by its own loop, e.g. EasyEdit's, then protects nothing)."""
+    global _warned_no_past_keys
+    if hp.past_edit_key_weight <= 0 or hp.delta != "key_rank_one":
+        return 0
+    if past_keys is None:
+        if not _warned_no_past_keys:
+            _warned_no_past_keys = True
+            log.warning("MixSD: past_edit_key_weight %g but no past_edit_keys passed, so earlier edits are not "
+                        "protected (the editor's sequential_edit passes them; in your own loop pass the same "
+                        "PastEditKeys() to every call)", hp.past_edit_key_weight)
+        return None
+    return n_past
+
+
 def check_mixsd_inputs(model, tok, requests, hparams: MixSDHyperParams, **kwargs) -> list[dict]:
     """Everything MixSD refuses, checked without model work: hparams type, request fields (errors
     name the request index), parameter patterns. Returns the canonical requests. The editor calls it
@@ -232,7 +252,7 @@ def apply_mixsd_to_model(model, tok, requests: list[dict], hparams: MixSDHyperPa
                                         past_keys=past_keys, keys_out=new_keys)
     if past_keys is not None and new_keys:
         past_keys.add(new_keys)
-    protected = n_past if hparams.past_edit_key_weight > 0 and hparams.delta == "key_rank_one" else 0
+    protected = past_keys_protected(hparams, past_keys, n_past)
     if metadata_out is not None:
         for t in targets:
             meta = t.metadata()
