@@ -82,7 +82,7 @@ def test_registry_refuses_duplicates_and_unknown_names():
 # --methods 'LABEL=MixSD:<overrides>'; a variant edited without its benchmark command (or the reverse) fails here.
 VARIANTS = [
     ("smollm2-135m-instruct-sequential-l2", "smollm2-135m-instruct",
-     "subject_key_names=64;subject_key_weight=1.0;delta_l2=3e-3"),
+     "subject_key_names=64;subject_key_weight=1.0;delta_l2=3e-3;past_edit_key_weight=1.0"),
     ("smollm2-135m-instruct-batch", "smollm2-135m-instruct",
      "preserve_weight=30;preserve_dataset=model_samples;preserve_seq_len=32;exclude_batch_mean=true;preserve_swaps=8;"
      "subject_key_names=16;subject_key_weight=0.3;delta_l2=3e-3;train_batch_size=256"),
