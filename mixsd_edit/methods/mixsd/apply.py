@@ -41,7 +41,8 @@ def execute_mixsd(model, tok, requests: list[dict], hp: MixSDHyperParams, params
                   keys_out: dict | None = None) -> tuple[list[MixedTarget], TrainReport]:
     """Targets from the model as it is, then train ``params`` in place (the caller restores on error).
     ``key_rank_one``: ``past_keys`` (with ``past_edit_key_weight`` > 0) steers the directions away from
-    earlier edits' subject keys; this call's subject keys are put in ``keys_out`` when given."""
+    earlier edits' subject keys; this call's subject keys are put in ``keys_out`` when given (and the
+    weight is > 0: nothing else reads them)."""
     targets = build_mixed_targets(model, tok, requests, hp, progress=progress)
     owners = [i for i, t in enumerate(targets) if t.target_ids]
     examples = [(targets[i].context_ids, targets[i].target_ids) for i in owners]
@@ -66,7 +67,7 @@ def execute_mixsd(model, tok, requests: list[dict], hp: MixSDHyperParams, params
     modules = [n[: -len(".weight")] for n in params]
     keys = edit_subject_keys(model, tok, requests, hp, modules, prefixes)
     covs = with_past_edit_keys(edit_key_covariances(model, tok, hp, modules, requests, text), keys, hp, past_keys)
-    if keys_out is not None:
+    if keys_out is not None and hp.past_edit_key_weight > 0:
         keys_out.update(keys)
     delta = KeyDirectedDelta(model, {m: key_directions(keys[m], covs.get(m), hp.exclude_batch_mean) for m in modules})
     owner_of = {id(ex): i for ex, i in zip(examples, owners)} if hp.isolate_requests else None

@@ -200,24 +200,28 @@ class KeyDirectedDelta:
 
 
 class PastEditKeys:
-    """The subject keys of the edits already applied in one sequence: ``{module: Σ_j k_j k_jᵀ}`` (float64,
-    CPU) and their count. :func:`~mixsd_edit.methods.mixsd.apply.apply_mixsd_to_model` reads it (with
-    ``past_edit_key_weight`` > 0) and adds the call's keys after the call succeeded, so a failed edit leaves
-    it as it was. Keys are taken on the model as it was when each edit was made."""
+    """The subject keys of the edits already applied in one sequence (``{module: K}``, ``K`` [n, in],
+    float32 on the CPU: n x in numbers per module, far less than a d x d moment for the sequences edited in
+    practice) and their count. :func:`~mixsd_edit.methods.mixsd.apply.apply_mixsd_to_model` reads them and
+    adds the call's keys after the call succeeded (only with ``past_edit_key_weight`` > 0), so a failed
+    edit leaves them as they were. Keys are taken on the model as it was when each edit was made."""
 
     def __init__(self) -> None:
-        self.moments: dict[str, torch.Tensor] = {}
+        self.keys: dict[str, torch.Tensor] = {}
         self.count = 0
 
     def add(self, keys: Mapping[str, torch.Tensor]) -> None:
-        n = None
+        n = 0
         for m, K in keys.items():
-            K = K.detach().to("cpu", torch.float64)
+            K = K.detach().to("cpu", torch.float32)
             n = K.shape[0]
-            self.moments[m] = self.moments.get(m, 0) + K.T @ K
-        self.count += n or 0
+            self.keys[m] = torch.cat([self.keys[m], K]) if m in self.keys else K.clone()
+        self.count += n
 
     def covariance_term(self, module: str, like: torch.Tensor) -> torch.Tensor | None:
         """``Σ_j k_j k_jᵀ`` for ``module`` in ``like``'s dtype and device (None before the first edit)."""
-        S = self.moments.get(module)
-        return None if S is None else S.to(like.device, like.dtype)
+        K = self.keys.get(module)
+        if K is None:
+            return None
+        K = K.to(like.device, like.dtype)
+        return K.T @ K
