@@ -28,8 +28,8 @@ with the keys of other subjects in the same prompts instead of ordinary text. A 
 reaches less of each change (``benchmarks/subject_overlap.py`` measures it).
 
 ``past_edit_key_weight: w`` protects the edits already made in a sequence: :class:`PastEditKeys`
-(one per sequence; the editor makes it for ``sequential_edit``) keeps ``Σ_j k_j k_jᵀ`` over the
-subject keys of the edits applied so far, and the directions use ``C + w·Σ_j k_j k_jᵀ``. With ``C`` a
+(one per sequence; the editor makes it for ``sequential_edit``) keeps the subject keys ``k_j`` of the
+edits applied so far, and the directions use ``C + w·Σ_j k_j k_jᵀ``. With ``C`` a
 mean over corpus tokens, ``k_jᵀ C⁻¹ k_j`` is of the order of the key size, so already ``w = 1`` shrinks
 ``vᵀ k_j`` (how much a new change reaches an earlier subject) about that many times: the new edit
 writes into the part of key space the earlier subjects do not use (AlphaEdit's null-space idea, for
@@ -202,21 +202,22 @@ class KeyDirectedDelta:
 class PastEditKeys:
     """The subject keys of the edits already applied in one sequence (``{module: K}``, ``K`` [n, in],
     float32 on the CPU: n x in numbers per module, far less than a d x d moment for the sequences edited in
-    practice) and their count. :func:`~mixsd_edit.methods.mixsd.apply.apply_mixsd_to_model` reads them and
+    practice). :func:`~mixsd_edit.methods.mixsd.apply.apply_mixsd_to_model` reads them and
     adds the call's keys after the call succeeded (only with ``past_edit_key_weight`` > 0), so a failed
     edit leaves them as they were. Keys are taken on the model as it was when each edit was made."""
 
     def __init__(self) -> None:
         self.keys: dict[str, torch.Tensor] = {}
-        self.count = 0
+
+    @property
+    def count(self) -> int:
+        """How many edits' keys are held (every module holds one row per edit)."""
+        return next(iter(self.keys.values())).shape[0] if self.keys else 0
 
     def add(self, keys: Mapping[str, torch.Tensor]) -> None:
-        n = 0
         for m, K in keys.items():
             K = K.detach().to("cpu", torch.float32)
-            n = K.shape[0]
             self.keys[m] = torch.cat([self.keys[m], K]) if m in self.keys else K.clone()
-        self.count += n
 
     def covariance_term(self, module: str, like: torch.Tensor) -> torch.Tensor | None:
         """``Σ_j k_j k_jᵀ`` for ``module`` in ``like``'s dtype and device (None before the first edit)."""
