@@ -11,18 +11,27 @@ function to that dict and wrap the static method. Usage::
     hp = as_easyedit_hparams(MixSDHyperParams.from_hparams("hparams/MixSD/qwen3-1.7b"))
     editor = easyeditor.BaseEditor.from_hparams(hp)
 
-EasyEdit's own sequential loop does not pass MixSD's ``past_edit_keys``, so a YAML with
-``past_edit_key_weight`` > 0 (``gemma3-270m-sequential.yaml``) protects no earlier edit there (logged once,
-and ``past_edit_keys_protected`` is None in the metadata); use mixsd_edit's ``sequential_edit`` for it.
+EasyEdit calls the apply function once per request, with the same model, whether it runs a sequence
+(``sequential_edit=True``: the edits stay) or single edits (it copies ``weights_copy`` back after each).
+It passes no ``past_edit_keys``, so for a YAML with ``past_edit_key_weight`` > 0 the adapter keeps one
+:class:`PastEditKeys` per model and tells the two loops apart by the weights themselves: a call continues
+the sequence only when the weights MixSD edits are bit-for-bit those its previous call on that model left
+(a hash of them); restored or otherwise changed weights start a new, empty one. So the protection follows
+the edits that are actually in the model.
 """
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import importlib
 import logging
+import weakref
 from types import ModuleType, SimpleNamespace
 
-from mixsd_edit.methods.mixsd import MixSDHyperParams, apply_mixsd_to_model
+import torch
+
+from mixsd_edit.methods.mixsd import MixSDHyperParams, PastEditKeys, apply_mixsd_to_model
+from mixsd_edit.weights import select_parameters
 
 log = logging.getLogger(__name__)
 
@@ -43,13 +52,41 @@ def _to_mixsd_hparams(hparams) -> MixSDHyperParams:
     return MixSDHyperParams.from_dict(values, source="EasyEdit hparams object")
 
 
+# model -> (its PastEditKeys, hash of the edited weights as MixSD's last call on it left them)
+_sequences: "weakref.WeakKeyDictionary[torch.nn.Module, tuple[PastEditKeys, str]]" = weakref.WeakKeyDictionary()
+_INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def weights_hash(params: dict[str, torch.Tensor]) -> str:
+    """A hash of the parameters' exact bits (names included), to tell "as left" from "restored"."""
+    h = hashlib.blake2b(digest_size=16)
+    for name in sorted(params):
+        t = params[name].detach().contiguous()
+        h.update(name.encode())
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.view(_INT_OF_SIZE[t.element_size()]).cpu().numpy().data)
+    return h.hexdigest()
+
+
 def apply_mixsd_for_easyedit(model, tok, requests, hparams, copy=False, return_orig_weights=False,
                              keep_original_weight=False, **kwargs):
-    """``apply_mixsd_to_model`` accepting EasyEdit's hparams objects (extra fields are ignored)."""
+    """``apply_mixsd_to_model`` accepting EasyEdit's hparams objects (extra fields are ignored). With
+    ``past_edit_key_weight`` > 0 and no ``past_edit_keys`` given, the model's sequence is continued when its
+    edited weights are as this function's last call left them, else a new one starts (module docstring)."""
     kwargs.pop("train_ds", None)
-    return apply_mixsd_to_model(model, tok, requests, _to_mixsd_hparams(hparams), copy=copy,
-                                return_orig_weights=return_orig_weights,
-                                keep_original_weight=keep_original_weight, **kwargs)
+    hp = _to_mixsd_hparams(hparams)
+    track = hp.past_edit_key_weight > 0 and hp.delta == "key_rank_one" and kwargs.get("past_edit_keys") is None
+    if track:
+        state = _sequences.get(model)
+        now = weights_hash(select_parameters(model, hp.trainable_params, hp.layers))
+        past = state[0] if state is not None and state[1] == now else PastEditKeys()
+        kwargs["past_edit_keys"] = past
+    edited, weights_copy = apply_mixsd_to_model(model, tok, requests, hp, copy=copy,
+                                                return_orig_weights=return_orig_weights,
+                                                keep_original_weight=keep_original_weight, **kwargs)
+    if track:
+        _sequences[edited] = (past, weights_hash(select_parameters(edited, hp.trainable_params, hp.layers)))
+    return edited, weights_copy
 
 
 def register_into_easyedit(easyeditor: ModuleType | None = None, name: str = "MixSD") -> None:

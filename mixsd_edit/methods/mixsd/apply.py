@@ -183,7 +183,8 @@ _warned_no_past_keys = False
 def past_keys_protected(hp: MixSDHyperParams, past_keys: PastEditKeys | None, n_past: int) -> int | None:
     """The per-request metadata ``past_edit_keys_protected``: how many earlier edits' keys this call avoided;
     None when ``past_edit_key_weight`` asks for it but the caller passed no ``past_edit_keys`` (logged once:
-    right for single edits, but a sequence run by its own loop, e.g. EasyEdit's, then protects nothing)."""
+    right for single edits, but a sequence run by the caller's own loop then protects nothing; the EasyEdit
+    adapter passes them)."""
     global _warned_no_past_keys
     if hp.past_edit_key_weight <= 0 or hp.delta != "key_rank_one":
         return 0
@@ -191,8 +192,8 @@ def past_keys_protected(hp: MixSDHyperParams, past_keys: PastEditKeys | None, n_
         if not _warned_no_past_keys:
             _warned_no_past_keys = True
             log.warning("MixSD: past_edit_key_weight %g but no past_edit_keys passed, so earlier edits are not "
-                        "protected (the editor's sequential_edit passes them; in your own loop pass the same "
-                        "PastEditKeys() to every call)", hp.past_edit_key_weight)
+                        "protected (the editor's sequential_edit and the EasyEdit adapter pass them; in your own "
+                        "loop pass the same PastEditKeys() to every call)", hp.past_edit_key_weight)
         return None
     return n_past
 
