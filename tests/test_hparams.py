@@ -89,7 +89,7 @@ VARIANTS = [
     ("gemma3-270m-batch", "gemma3-270m",
      "preserve_weight=30;preserve_dataset=model_samples;preserve_seq_len=32;preserve_swaps=8;exclude_batch_mean=true;"
      "train_batch_size=256;delta_l2=3e-2"),
-    ("gemma3-270m-sequential", "gemma3-270m", "delta_l2=3e-2;past_edit_key_weight=0.1"),
+    ("gemma3-270m-sequential", "gemma3-270m", "delta_l2=3e-2;past_edit_key_weight=0.1;subject_key_weight=3.0"),
 ]
 
 
