@@ -22,7 +22,6 @@ the edits that are actually in the model.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import importlib
 import logging
 import weakref
@@ -31,7 +30,7 @@ from types import ModuleType, SimpleNamespace
 import torch
 
 from mixsd_edit.methods.mixsd import MixSDHyperParams, PastEditKeys, apply_mixsd_to_model
-from mixsd_edit.weights import select_parameters
+from mixsd_edit.weights import select_parameters, weights_hash
 
 log = logging.getLogger(__name__)
 
@@ -54,18 +53,6 @@ def _to_mixsd_hparams(hparams) -> MixSDHyperParams:
 
 # model -> (its PastEditKeys, hash of the edited weights as MixSD's last call on it left them)
 _sequences: "weakref.WeakKeyDictionary[torch.nn.Module, tuple[PastEditKeys, str]]" = weakref.WeakKeyDictionary()
-_INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-
-
-def weights_hash(params: dict[str, torch.Tensor]) -> str:
-    """A hash of the parameters' exact bits (names included), to tell "as left" from "restored"."""
-    h = hashlib.blake2b(digest_size=16)
-    for name in sorted(params):
-        t = params[name].detach().contiguous()
-        h.update(name.encode())
-        h.update(str(tuple(t.shape)).encode())
-        h.update(t.view(_INT_OF_SIZE[t.element_size()]).cpu().numpy().data)
-    return h.hexdigest()
 
 
 def apply_mixsd_for_easyedit(model, tok, requests, hparams, copy=False, return_orig_weights=False,
@@ -75,11 +62,11 @@ def apply_mixsd_for_easyedit(model, tok, requests, hparams, copy=False, return_o
     edited weights are as this function's last call left them, else a new one starts (module docstring)."""
     kwargs.pop("train_ds", None)
     hp = _to_mixsd_hparams(hparams)
-    track = hp.past_edit_key_weight > 0 and hp.delta == "key_rank_one" and kwargs.get("past_edit_keys") is None
+    track = hp.past_edit_key_weight > 0 and kwargs.get("past_edit_keys") is None  # > 0 implies key_rank_one
     if track:
         state = _sequences.get(model)
-        now = weights_hash(select_parameters(model, hp.trainable_params, hp.layers))
-        past = state[0] if state is not None and state[1] == now else PastEditKeys()
+        params = select_parameters(model, hp.trainable_params, hp.layers)
+        past = state[0] if state is not None and state[1] == weights_hash(params) else PastEditKeys()
         kwargs["past_edit_keys"] = past
     edited, weights_copy = apply_mixsd_to_model(model, tok, requests, hp, copy=copy,
                                                 return_orig_weights=return_orig_weights,

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import fnmatch
+import hashlib
 from typing import Iterable
 
 import torch
@@ -53,6 +54,20 @@ def select_parameters(model: torch.nn.Module, patterns: Iterable[str], layers: I
 def snapshot(params: dict[str, torch.nn.Parameter]) -> dict[str, torch.Tensor]:
     """Detached clones of the parameters (same device and dtype)."""
     return {n: p.detach().clone() for n, p in params.items()}
+
+
+_INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def weights_hash(params: dict[str, torch.Tensor]) -> str:
+    """A hash of the parameters' exact bits (names and shapes included): equal only when bit-identical."""
+    h = hashlib.blake2b(digest_size=16)
+    for name in sorted(params):
+        t = params[name].detach().contiguous()
+        h.update(name.encode())
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.view(_INT_OF_SIZE[t.element_size()]).cpu().numpy().data)
+    return h.hexdigest()
 
 
 @torch.no_grad()

@@ -107,7 +107,7 @@ def test_easyedit_loop_without_the_weight_tracks_nothing(word_tok, corpus):
 
 
 def test_weights_hash_sees_one_bit_and_every_dtype():
-    from mixsd_edit.easyedit_adapter import weights_hash
+    from mixsd_edit.weights import weights_hash
     for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
         w = torch.randn(4, 3, generator=torch.Generator().manual_seed(0)).to(dtype)
         h = weights_hash({"a": w})

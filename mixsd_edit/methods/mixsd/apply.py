@@ -186,7 +186,7 @@ def past_keys_protected(hp: MixSDHyperParams, past_keys: PastEditKeys | None, n_
     right for single edits, but a sequence run by the caller's own loop then protects nothing; the EasyEdit
     adapter passes them)."""
     global _warned_no_past_keys
-    if hp.past_edit_key_weight <= 0 or hp.delta != "key_rank_one":
+    if hp.past_edit_key_weight <= 0:  # (> 0 is only valid with delta key_rank_one)
         return 0
     if past_keys is None:
         if not _warned_no_past_keys:
