@@ -66,7 +66,8 @@ def execute_mixsd(model, tok, requests: list[dict], hp: MixSDHyperParams, params
     # key_rank_one: train one vector per request and matrix, then write U Vᵀ into the weights
     modules = [n[: -len(".weight")] for n in params]
     keys = edit_subject_keys(model, tok, requests, hp, modules, prefixes)
-    covs = with_past_edit_keys(edit_key_covariances(model, tok, hp, modules, requests, text), keys, hp, past_keys)
+    covs = edit_key_covariances(model, tok, hp, modules, requests, text)
+    covs = with_batch_keys(with_past_edit_keys(covs, keys, hp, past_keys), keys, hp)
     if keys_out is not None and hp.past_edit_key_weight > 0:
         keys_out.update(keys)
     delta = KeyDirectedDelta(model, {m: key_directions(keys[m], covs.get(m), hp.exclude_batch_mean) for m in modules})
@@ -152,20 +153,40 @@ def edit_key_covariances(model, tok, hp: MixSDHyperParams, modules: list[str], r
     return {m: covs[m] + hp.subject_key_weight * extra[m].to(covs[m].dtype) for m in modules}
 
 
+def plus_key_moments(covs: dict, keys: dict, weight: float, held) -> dict:
+    """``C + weight x Kᵀ K`` per module, ``K = held(module)`` (keys as rows, or None: that module unchanged;
+    ``C`` = identity where there are no key statistics). New tensors: the cached ``C`` are not touched."""
+    out = dict(covs)
+    for m, own in keys.items():
+        K = held(m)
+        if K is None:
+            continue
+        C = covs.get(m)
+        if C is None:
+            C = torch.eye(own.shape[1], dtype=torch.float64, device=own.device)
+        K = K.to(C.device, C.dtype)
+        out[m] = C + weight * (K.T @ K)
+    return out
+
+
 def with_past_edit_keys(covs: dict, keys: dict, hp: MixSDHyperParams, past_keys: PastEditKeys | None) -> dict:
     """``C + past_edit_key_weight x Σ_j k_j k_jᵀ`` over the earlier edits' subject keys (``C`` = identity
     where there are no key statistics); ``covs`` unchanged when the weight is 0 or nothing was edited yet."""
     if hp.past_edit_key_weight <= 0 or past_keys is None or past_keys.count == 0:
         return covs
-    out = dict(covs)
-    for m, K in keys.items():
-        C = covs.get(m)
-        if C is None:
-            C = torch.eye(K.shape[1], dtype=torch.float64, device=K.device)
-        S = past_keys.covariance_term(m, C)
-        if S is not None:
-            out[m] = C + hp.past_edit_key_weight * S
-    return out
+    return plus_key_moments(covs, keys, hp.past_edit_key_weight, past_keys.keys.get)
+
+
+def with_batch_keys(covs: dict, keys: dict, hp: MixSDHyperParams) -> dict:
+    """``C + batch_key_weight x Σ_j k_j k_jᵀ`` over this call's subject keys (``C`` = identity where there
+    are no key statistics), so that request ``i``'s direction reaches the other requests' subjects
+    less. The sum includes ``k_i`` itself: by Sherman-Morrison ``(A + w kᵢkᵢᵀ)⁻¹kᵢ`` is parallel to
+    ``A⁻¹kᵢ``, so after the normalisation ``vᵢᵀkᵢ = 1`` each direction equals the one built from the
+    *other* requests' keys alone, with one matrix for the whole batch. ``covs`` unchanged when the
+    weight is 0 or the call has one request (then the term would not change the direction)."""
+    if hp.batch_key_weight <= 0 or next(iter(keys.values())).shape[0] < 2:
+        return covs
+    return plus_key_moments(covs, keys, hp.batch_key_weight, keys.get)
 
 
 def key_covariances(model, tok, hp: MixSDHyperParams, modules: list[str]) -> dict:

@@ -57,6 +57,8 @@ class MixSDHyperParams(HyperParams):
                                    #   loss (the smallest change that writes the target; 0 = off)
     past_edit_key_weight: float    # key_rank_one, sequential editing: C + w·Σ k_j k_jᵀ over the subject keys of
                                    #   the edits already made in the sequence (protects them; 0 = off)
+    batch_key_weight: float        # key_rank_one, a batch of edits: C + w·Σ k_j k_jᵀ over the subject keys of
+                                   #   this call's requests, so each change avoids the others' subjects (0 = off)
     context_prefixes: int          # + train each target after k openings taken from key_stats_dataset (and,
                                    #   key_rank_one, average the subject key over them); 0 = off (prefixes.py)
     context_prefix_words: int      #   ... of this many words each
@@ -138,6 +140,10 @@ class MixSDHyperParams(HyperParams):
             bad("past_edit_key_weight", f"must be >= 0, got {self.past_edit_key_weight}")
         if self.past_edit_key_weight > 0 and self.delta != "key_rank_one":
             bad("past_edit_key_weight", "needs delta 'key_rank_one' (it shapes the key directions)")
+        if self.batch_key_weight < 0:
+            bad("batch_key_weight", f"must be >= 0, got {self.batch_key_weight}")
+        if self.batch_key_weight > 0 and self.delta != "key_rank_one":
+            bad("batch_key_weight", "needs delta 'key_rank_one' (it shapes the key directions)")
         if self.context_prefixes < 0:
             bad("context_prefixes", f"must be >= 0, got {self.context_prefixes}")
         if self.context_prefix_words < 1:

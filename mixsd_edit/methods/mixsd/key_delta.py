@@ -35,6 +35,12 @@ mean over corpus tokens, ``k_jᵀ C⁻¹ k_j`` is of the order of the key size, 
 writes into the part of key space the earlier subjects do not use (AlphaEdit's null-space idea, for
 the earlier edits' keys only, in closed form).
 
+``batch_key_weight: w`` does the same inside one call: the directions use ``C + w·Σ_j k_j k_jᵀ`` over
+the subject keys of the call's own requests, so request ``i``'s change reaches the other requests'
+subjects less (MEMIT's joint solve keeps the batch's keys for the same reason). One matrix serves the
+whole batch: with ``k_i`` itself in the sum, ``vᵢ`` after normalisation is the direction built from the
+other requests' keys alone (``apply.with_batch_keys``).
+
 During training the change is applied by forward hooks (``y = W k + U (Vᵀ k)``); afterwards it is
 written into ``W`` once. The caller's :class:`~mixsd_edit.weights.EditTransaction` holds ``W``'s
 original value, so restore stays bit-exact.
@@ -218,11 +224,3 @@ class PastEditKeys:
         for m, K in keys.items():
             K = K.detach().to("cpu", torch.float32)
             self.keys[m] = torch.cat([self.keys[m], K]) if m in self.keys else K.clone()
-
-    def covariance_term(self, module: str, like: torch.Tensor) -> torch.Tensor | None:
-        """``Σ_j k_j k_jᵀ`` for ``module`` in ``like``'s dtype and device (None before the first edit)."""
-        K = self.keys.get(module)
-        if K is None:
-            return None
-        K = K.to(like.device, like.dtype)
-        return K.T @ K
