@@ -82,7 +82,10 @@ def _edit_batch(word_tok, corpus, w, monkeypatch, ids=(3, 7, 11)):
     model = tiny_llama(len(word_tok), seed=4)
     hp = _hp(corpus, w)
     K = subject_keys(model, word_tok, _reqs(ids), hp, [LAYER0])[LAYER0].double()
-    apply_mixsd_to_model(model, word_tok, _reqs(ids), hp)
+    meta = []
+    apply_mixsd_to_model(model, word_tok, _reqs(ids), hp, metadata_out=meta)
+    avoided = len(ids) - 1 if w > 0 else 0
+    assert [m["batch_keys_avoided"] for m in meta] == [avoided] * len(ids)
     return seen[LAYER0].double(), K, model.get_parameter(LAYER0 + ".weight").detach().clone()
 
 

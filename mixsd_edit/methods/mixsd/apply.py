@@ -252,8 +252,10 @@ def apply_mixsd_to_model(model, tok, requests: list[dict], hparams: MixSDHyperPa
     ``keep_original_weight`` is set (EasyEdit ignores the latter; we treat it as "I need the
     originals back"). On any error the model is restored bit-exactly before the error propagates.
 
-    Per-request MixSD metadata (target text, realised naive fraction, attempts, fallback) is
-    appended to the list passed as ``metadata_out`` if given.
+    Per-request MixSD metadata (target text, realised naive fraction, attempts, fallback, and with
+    ``key_rank_one`` how many earlier edits' and other requests' subject keys the change avoided:
+    ``past_edit_keys_protected``, ``batch_keys_avoided``) is appended to the list passed as
+    ``metadata_out`` if given.
 
     ``past_edit_keys`` (a :class:`PastEditKeys`, one per sequence of calls; the editor passes a new
     one to every ``sequential_edit``): with ``past_edit_key_weight`` > 0 and ``delta: key_rank_one``
@@ -276,10 +278,13 @@ def apply_mixsd_to_model(model, tok, requests: list[dict], hparams: MixSDHyperPa
     if past_keys is not None and new_keys:
         past_keys.add(new_keys)
     protected = past_keys_protected(hparams, past_keys, n_past)
+    # how many other requests' subject keys each direction avoided (with_batch_keys)
+    batch_avoided = len(requests) - 1 if hparams.batch_key_weight > 0 and len(requests) > 1 else 0
     if metadata_out is not None:
         for t in targets:
             meta = t.metadata()
             meta.update(train_steps=report.steps, train_loss_first=report.first_loss,
-                        train_loss_final=report.final_loss, past_edit_keys_protected=protected)
+                        train_loss_final=report.final_loss, past_edit_keys_protected=protected,
+                        batch_keys_avoided=batch_avoided)
             metadata_out.append(meta)
     return model, tx.result(return_orig_weights, keep_original_weight)
