@@ -182,7 +182,8 @@ def with_batch_keys(covs: dict, keys: dict, hp: MixSDHyperParams) -> dict:
     are no key statistics), so that request ``i``'s direction reaches the other requests' subjects
     less. The sum includes ``k_i`` itself: by Sherman-Morrison ``(A + w kᵢkᵢᵀ)⁻¹kᵢ`` is parallel to
     ``A⁻¹kᵢ``, so after the normalisation ``vᵢᵀkᵢ = 1`` each direction equals the one built from the
-    *other* requests' keys alone, with one matrix for the whole batch. ``covs`` unchanged when the
+    *other* requests' keys alone, with one matrix for the whole batch (``exclude_batch_mean``'s
+    projection then works in this matrix's metric, own key included). ``covs`` unchanged when the
     weight is 0 or the call has one request (then the term would not change the direction)."""
     if hp.batch_key_weight <= 0 or next(iter(keys.values())).shape[0] < 2:
         return covs
