@@ -153,17 +153,17 @@ def edit_key_covariances(model, tok, hp: MixSDHyperParams, modules: list[str], r
     return {m: covs[m] + hp.subject_key_weight * extra[m].to(covs[m].dtype) for m in modules}
 
 
-def plus_key_moments(covs: dict, keys: dict, weight: float, held) -> dict:
-    """``C + weight x Kᵀ K`` per module, ``K = held(module)`` (keys as rows, or None: that module unchanged;
-    ``C`` = identity where there are no key statistics). New tensors: the cached ``C`` are not touched."""
+def plus_key_moments(covs: dict, modules, weight: float, held: dict) -> dict:
+    """``C + weight x Kᵀ K`` for each of ``modules`` that ``held`` has keys for (``K`` [n, in], keys as
+    rows; ``C`` = identity where there are no key statistics). New tensors: the cached ``C`` are not touched."""
     out = dict(covs)
-    for m, own in keys.items():
-        K = held(m)
+    for m in modules:
+        K = held.get(m)
         if K is None:
             continue
         C = covs.get(m)
         if C is None:
-            C = torch.eye(own.shape[1], dtype=torch.float64, device=own.device)
+            C = torch.eye(K.shape[1], dtype=torch.float64, device=K.device)
         K = K.to(C.device, C.dtype)
         out[m] = C + weight * (K.T @ K)
     return out
@@ -174,7 +174,13 @@ def with_past_edit_keys(covs: dict, keys: dict, hp: MixSDHyperParams, past_keys:
     where there are no key statistics); ``covs`` unchanged when the weight is 0 or nothing was edited yet."""
     if hp.past_edit_key_weight <= 0 or past_keys is None or past_keys.count == 0:
         return covs
-    return plus_key_moments(covs, keys, hp.past_edit_key_weight, past_keys.keys.get)
+    return plus_key_moments(covs, keys, hp.past_edit_key_weight, past_keys.keys)
+
+
+def batch_keys_avoided(hp: MixSDHyperParams, n_requests: int) -> int:
+    """How many other requests' subject keys each direction of a call avoids (:func:`with_batch_keys`; the
+    per-request metadata ``batch_keys_avoided``): 0 when the weight is 0 or the call has one request."""
+    return n_requests - 1 if hp.batch_key_weight > 0 else 0
 
 
 def with_batch_keys(covs: dict, keys: dict, hp: MixSDHyperParams) -> dict:
@@ -185,9 +191,9 @@ def with_batch_keys(covs: dict, keys: dict, hp: MixSDHyperParams) -> dict:
     *other* requests' keys alone, with one matrix for the whole batch (``exclude_batch_mean``'s
     projection then works in this matrix's metric, own key included). ``covs`` unchanged when the
     weight is 0 or the call has one request (then the term would not change the direction)."""
-    if hp.batch_key_weight <= 0 or next(iter(keys.values())).shape[0] < 2:
+    if batch_keys_avoided(hp, next(iter(keys.values())).shape[0]) == 0:
         return covs
-    return plus_key_moments(covs, keys, hp.batch_key_weight, keys.get)
+    return plus_key_moments(covs, keys, hp.batch_key_weight, keys)
 
 
 def key_covariances(model, tok, hp: MixSDHyperParams, modules: list[str]) -> dict:
@@ -279,13 +285,11 @@ def apply_mixsd_to_model(model, tok, requests: list[dict], hparams: MixSDHyperPa
     if past_keys is not None and new_keys:
         past_keys.add(new_keys)
     protected = past_keys_protected(hparams, past_keys, n_past)
-    # how many other requests' subject keys each direction avoided (with_batch_keys)
-    batch_avoided = len(requests) - 1 if hparams.batch_key_weight > 0 and len(requests) > 1 else 0
     if metadata_out is not None:
         for t in targets:
             meta = t.metadata()
             meta.update(train_steps=report.steps, train_loss_first=report.first_loss,
                         train_loss_final=report.final_loss, past_edit_keys_protected=protected,
-                        batch_keys_avoided=batch_avoided)
+                        batch_keys_avoided=batch_keys_avoided(hparams, len(requests)))
             metadata_out.append(meta)
     return model, tx.result(return_orig_weights, keep_original_weight)
