@@ -1,4 +1,5 @@
-"""Peak memory and time of a MixSD batch apply with and without ``preserve_checkpoint``, in one run.
+"""Peak memory and time of a MixSD batch apply with and without ``preserve_checkpoint`` (or, with
+``--swaps-per-step M``, scoring every swapped prompt vs a random M of them per step), in one run.
 
 The preservation term scores ``preserve_n_tokens`` of text and ``preserve_swaps`` swapped prompts per request
 at every training step; without checkpointing the activations of all of them are held until backward, so
@@ -9,9 +10,11 @@ prompts) in backward instead.
 Each variant runs in its own child process (a fresh high-water mark): load the model, apply the CounterFact
 cases in --cases as ONE batch with the hparams file (``num_steps`` --steps, ``min_epochs`` 0 so both variants
 take the same steps), and report the apply time, the process's peak RSS (``peak_memory``, as the bench runner reports it), the RSS after the
-model load, and a hash of the edited weights (the two variants must agree bit for bit).
+model load, and a hash of the edited weights (with checkpointing the two variants must agree bit for bit;
+with ``--swaps-per-step`` they train on different subsets and need not).
 
     PYTHONPATH=. python3 benchmarks/preserve_memory.py --cases 500:550 --steps 3
+    PYTHONPATH=. python3 benchmarks/preserve_memory.py --cases 500:700 --steps 3 --swaps-per-step 256
 """
 from __future__ import annotations
 
@@ -46,7 +49,8 @@ def child(args) -> dict:
     a, b = (int(x) for x in args.cases.split(":"))
     requests = load_counterfact(args.data, n=b - a, start=a)
     hp = replace(MixSDHyperParams.from_hparams(args.hparams), num_steps=args.steps, min_epochs=0.0,
-                 preserve_checkpoint=args.checkpoint == "on", batch_size=len(requests))
+                 preserve_checkpoint=args.checkpoint == "on", batch_size=len(requests),
+                 preserve_swaps_per_step=args.variant_per_step)
     model, tok = load_model_and_tokenizer(hp.model_name)
     loaded = _rss_mb()
     meta: list[dict] = []
@@ -57,7 +61,9 @@ def child(args) -> dict:
     h = hashlib.sha256()
     for name in sorted(wc):
         h.update(model.get_parameter(name).detach().cpu().contiguous().numpy().tobytes())
-    return {"checkpoint": args.checkpoint, "requests": len(requests), "steps": meta[0]["train_steps"],
+    label = f"{args.variant_per_step} per step" if args.swaps_per_step else args.checkpoint
+    return {"variant": label, "checkpoint": args.checkpoint, "swaps_per_step": args.variant_per_step,
+            "swapped_prompts": len(requests) * hp.preserve_swaps, "requests": len(requests), "steps": meta[0]["train_steps"],
             "apply_s": seconds, "peak_rss_mb": peak, "rss_after_load_mb": loaded,
             "peak_above_load_mb": peak - loaded, "weights_sha256": h.hexdigest()}
 
@@ -69,28 +75,37 @@ def main(argv=None):
     ap.add_argument("--cases", default="500:550", help="a:b, one batch (tuning cases by default)")
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--swaps-per-step", type=int, default=0,
+                    help="compare every swapped prompt (preserve_swaps_per_step 0) with M per step, checkpointing off")
     ap.add_argument("--out", default=None, help="write both results as JSON here")
     ap.add_argument("--checkpoint", choices=("on", "off"), default=None, help=argparse.SUPPRESS)  # child mode
+    ap.add_argument("--variant-per-step", type=int, default=0, help=argparse.SUPPRESS)  # child mode
     args = ap.parse_args(argv)
     if args.checkpoint:
         print(json.dumps(child(args)))
         return
+    variants = ([("off", 0), ("off", args.swaps_per_step)] if args.swaps_per_step else [("off", 0), ("on", 0)])
     rows = []
-    for mode in ("off", "on"):
+    for mode, per_step in variants:
         cmd = [sys.executable, __file__, "--hparams", args.hparams, "--data", args.data, "--cases", args.cases,
-               "--steps", str(args.steps), "--threads", str(args.threads), "--checkpoint", mode]
+               "--steps", str(args.steps), "--threads", str(args.threads), "--checkpoint", mode,
+               "--swaps-per-step", str(args.swaps_per_step), "--variant-per-step", str(per_step)]
         out = subprocess.run(cmd, check=True, capture_output=True, text=True,
                              env={**os.environ, "PYTHONPATH": str(ROOT)}).stdout
         rows.append(json.loads(out.strip().splitlines()[-1]))
-    off, on = rows
-    print(f"{Path(args.hparams).name}: cases {args.cases} ({off['requests']} requests, one batch), {off['steps']} steps")
-    print("| preserve_checkpoint | apply s | peak RSS MB | peak above model load MB |")
+    base, other = rows
+    what = "preserve_swaps_per_step" if args.swaps_per_step else "preserve_checkpoint"
+    print(f"{Path(args.hparams).name}: cases {args.cases} ({base['requests']} requests, {base['swapped_prompts']} "
+          f"swapped prompts, one batch), {base['steps']} steps")
+    print(f"| {what} | apply s | peak RSS MB | peak above model load MB |")
     print("|---|---|---|---|")
     for r in rows:
-        print(f"| {r['checkpoint']} | {r['apply_s']:.1f} | {r['peak_rss_mb']:.0f} | {r['peak_above_load_mb']:.0f} |")
-    print(f"ratios on/off: time x{on['apply_s'] / off['apply_s']:.2f}, peak RSS x{on['peak_rss_mb'] / off['peak_rss_mb']:.2f}, "
-          f"peak above load x{on['peak_above_load_mb'] / off['peak_above_load_mb']:.2f}; "
-          f"edited weights identical: {on['weights_sha256'] == off['weights_sha256']}")
+        label = (r["swaps_per_step"] or "0 (all)") if args.swaps_per_step else r["checkpoint"]
+        print(f"| {label} | {r['apply_s']:.1f} | {r['peak_rss_mb']:.0f} | {r['peak_above_load_mb']:.0f} |")
+    print(f"ratios {rows[1]['variant']} / {rows[0]['variant']}: time x{other['apply_s'] / base['apply_s']:.2f}, "
+          f"peak RSS x{other['peak_rss_mb'] / base['peak_rss_mb']:.2f}, "
+          f"peak above load x{other['peak_above_load_mb'] / base['peak_above_load_mb']:.2f}; "
+          f"edited weights identical: {other['weights_sha256'] == base['weights_sha256']}")
     if args.out:
         Path(args.out).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))
 

@@ -254,3 +254,77 @@ def test_checkpointed_term_has_the_same_value_and_gradient(word_tok, corpus, mon
     assert torch.equal(out[0][0], out[1][0]) and torch.equal(out[0][1], out[1][1])
     with torch.no_grad():  # no graph: checkpointing is skipped, the value is the same
         assert torch.equal(terms[1](model), out[0][0])
+
+
+# --- preserve_swaps_per_step: a fresh random subset of the swapped prompts at each step -------------------
+
+def _per_prompt_last_kl(model, base, tok, pairs):
+    out = []
+    with torch.no_grad():
+        for text, _ in pairs:
+            x = torch.tensor([tok(text)["input_ids"]])
+            lp, lq = (m(input_ids=x).logits[0, -1].float().log_softmax(-1) for m in (base, model))
+            out.append(float((lp.exp() * (lp - lq)).sum()))
+    return out
+
+
+def test_swaps_per_step_scores_a_fresh_subset_of_that_size(word_tok, corpus, monkeypatch):
+    """Each call's swapped part is the mean KL over exactly m of the swapped prompts (checked against every
+    m-subset of the hand-computed per-prompt KLs), the draws change from call to call and cover every
+    prompt, and the same seed replays the same draws (the seed also picks the swapped names, so another seed
+    is not compared here)."""
+    import itertools
+    monkeypatch.setattr(preserve_mod, "entity_names", lambda text: list(_WORD_NAMES))
+    base = tiny_llama(len(word_tok))
+    hp = _hp(corpus, preserve_weight=5.0, preserve_swaps=3, preserve_swaps_per_step=2)
+    plain = PreservationKL(base, word_tok, _hp(corpus, preserve_weight=5.0), _reqs())
+    pairs = swap_pairs([r["prompt"] for r in _reqs()], [r["subject"] for r in _reqs()], _WORD_NAMES, 3, seed=42)
+    model = tiny_llama(len(word_tok))
+    with torch.no_grad():
+        w = model.model.layers[0].mlp.down_proj.weight
+        w.add_(0.5 * torch.randn(w.shape, generator=torch.Generator().manual_seed(0)))
+    kls = _per_prompt_last_kl(model, base, word_tok, pairs)
+    subsets = {s: sum(kls[i] for i in s) / 2 for s in itertools.combinations(range(len(kls)), 2)}
+    assert len(set(round(v, 6) for v in subsets.values())) == len(subsets)  # each subset has its own mean
+
+    def draws(term, n=12):
+        out = []
+        with torch.no_grad():
+            for _ in range(n):
+                got = float(term(model)) - float(plain(model))
+                match = [s for s, v in subsets.items() if v == pytest.approx(got, rel=1e-3, abs=1e-6)]
+                assert len(match) == 1, (got, subsets)
+                out.append(match[0])
+        return out
+
+    first = draws(PreservationKL(base, word_tok, hp, _reqs()))
+    assert len(set(first)) > 1  # a fresh draw at each call
+    assert set().union(*first) == set(range(len(kls)))  # every swapped prompt gets scored
+    assert draws(PreservationKL(base, word_tok, hp, _reqs())) == first  # same seed, same draws
+
+
+@pytest.mark.parametrize("per_step", [6, 100])
+def test_swaps_per_step_at_or_above_the_count_is_the_full_term(word_tok, corpus, monkeypatch, per_step):
+    """2 requests x 3 swaps = 6 prompts: m >= 6 scores all of them, so the edit is bit-identical to m = 0;
+    m = 2 trains on subsets and gives other (deterministic) weights."""
+    monkeypatch.setattr(preserve_mod, "entity_names", lambda text: list(_WORD_NAMES))
+
+    def edit(m, seed=42):
+        model = tiny_llama(len(word_tok))
+        hp = _hp(corpus, preserve_weight=5.0, preserve_swaps=3, preserve_swaps_per_step=m, delta="key_rank_one",
+                 seed=seed)
+        _, wc = apply_mixsd_to_model(model, word_tok, _reqs(), hp, return_orig_weights=True)
+        return {k: model.get_parameter(k).detach().clone() for k in wc}
+
+    full, same = edit(0), edit(per_step)
+    assert all(torch.equal(full[k], same[k]) for k in full)
+    sub, again = edit(2), edit(2)
+    assert all(torch.equal(sub[k], again[k]) for k in sub)
+    assert any(not torch.equal(full[k], sub[k]) for k in full)
+
+
+def test_swaps_per_step_is_validated():
+    with pytest.raises(HyperParamsError, match="preserve_swaps_per_step"):
+        mixsd_hparams(preserve_weight=1.0, preserve_dataset="x", preserve_swaps=2, preserve_swaps_per_step=-1)
+    with pytest.raises(HyperParamsError, match="preserve_swaps_per_step.*needs preserve_swaps"):
+        mixsd_hparams(preserve_weight=1.0, preserve_dataset="x", preserve_swaps=0, preserve_swaps_per_step=4)

@@ -69,6 +69,7 @@ class MixSDHyperParams(HyperParams):
     preserve_seq_len: int
     preserve_swaps: int            # + per request, k prompts with the subject swapped for a name from
                                    #   preserve_dataset, KL at their last position (0 = off)
+    preserve_swaps_per_step: int   # score a fresh random this-many of the swapped prompts per step (0 = all)
     preserve_swap_positions: str   # last | after_subject: which positions of a swapped prompt are scored
     preserve_checkpoint: bool      # recompute the term's forward passes in backward (same gradients, less
                                    #   memory, more time; for batches of hundreds of requests with swaps)
@@ -160,6 +161,10 @@ class MixSDHyperParams(HyperParams):
             bad("preserve_swaps", f"must be >= 0, got {self.preserve_swaps}")
         if self.preserve_swaps > 0 and self.preserve_weight <= 0:
             bad("preserve_swaps", "needs preserve_weight > 0 (the swapped prompts are part of the preservation term)")
+        if self.preserve_swaps_per_step < 0:
+            bad("preserve_swaps_per_step", f"must be >= 0 (0 = every swapped prompt), got {self.preserve_swaps_per_step}")
+        if self.preserve_swaps_per_step > 0 and self.preserve_swaps == 0:
+            bad("preserve_swaps_per_step", "needs preserve_swaps > 0 (it draws from the swapped prompts)")
         if self.preserve_swap_positions not in SWAP_POSITIONS:
             bad("preserve_swap_positions", f"must be one of {SWAP_POSITIONS}, got '{self.preserve_swap_positions}'")
         for b in ("adam_beta1", "adam_beta2"):

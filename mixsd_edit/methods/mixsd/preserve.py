@@ -27,6 +27,11 @@ into: other subjects' keys under the same relation (CounterFact's neighbourhood 
 last token on instead of the last one only ("Ann Lee| professionally| plays| the| sport|"), so the
 shorter phrasings of the same relation that neighbours are asked in ("X plays") are kept too; each
 (prompt, position) pair weighs the same in the swapped prompts' mean.
+``preserve_swaps_per_step: m`` (> 0) scores a fresh random m of the swapped prompts at each call instead
+of all of them (drawn without replacement from a generator seeded with ``seed``, so the same seed gives
+the same draws): the swapped prompts' mean is then an estimate of the full mean, and the term's cost
+stops growing with the number of requests (8 swaps x 1000 requests is 8000 prompts per step). With m at
+or above the number of swapped prompts every prompt is scored, exactly as with 0.
 """
 from __future__ import annotations
 
@@ -88,6 +93,12 @@ class PreservationKL:
         self.group_top = [lp.topk(k, dim=-1) for lp in tails]
         self.group_rest = [rest_logp(t.values) for t in self.group_top]
         self.n_positions = int(self.mask.sum()) + sum(int(m.sum()) for m in self.group_masks)
+        self.n_swapped = len(self.swapped)
+        self.per_step = hp.preserve_swaps_per_step if 0 < hp.preserve_swaps_per_step < self.n_swapped else 0
+        self.generator = torch.Generator().manual_seed(hp.seed)
+        self.group_starts = [0]
+        for g in self.groups[:-1]:
+            self.group_starts.append(self.group_starts[-1] + len(g))
 
     def _text_logp(self, model) -> torch.Tensor:
         return model(input_ids=self.ids, attention_mask=self.mask).logits.float().log_softmax(-1)
@@ -122,10 +133,24 @@ class PreservationKL:
         q_top = self._text_logp(model).gather(-1, self.top_idx)
         return coarse_kl(self.top_logp, self.rest_logp, q_top, rest_logp(q_top))
 
-    def _group_kl(self, model, i: int) -> torch.Tensor:
-        top, mask = self.group_top[i], self.group_masks[i]
-        q = self._tail_logp(model, self.groups[i], mask.shape[1]).gather(-1, top.indices)
-        return coarse_kl(top.values, self.group_rest[i], q, rest_logp(q))
+    def _group_kl(self, model, i: int, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """KL at the tail positions of group ``i``'s prompts (``rows`` of them, or all)."""
+        top, rest, ids = self.group_top[i], self.group_rest[i], self.groups[i]
+        keep = self.group_masks[i].shape[1]
+        values, indices = top.values, top.indices
+        if rows is not None:
+            values, indices, rest, ids = values[rows], indices[rows], rest[rows], ids[rows]
+        q = self._tail_logp(model, ids, keep).gather(-1, indices)
+        return coarse_kl(values, rest, q, rest_logp(q))
+
+    def _drawn_rows(self) -> list[torch.Tensor | None]:
+        """Per group, the rows scored at this call: all (None) or, with ``preserve_swaps_per_step``, the
+        group's share of a fresh draw of that many swapped prompts (an empty tensor: none this time)."""
+        if not self.per_step:
+            return [None] * len(self.groups)
+        drawn = torch.randperm(self.n_swapped, generator=self.generator)[: self.per_step].sort().values
+        return [drawn[(drawn >= start) & (drawn < start + len(g))] - start
+                for start, g in zip(self.group_starts, self.groups)]
 
     def _run(self, fn, *args) -> torch.Tensor:
         """``fn(*args)``; with ``preserve_checkpoint`` its activations are not kept but recomputed in
@@ -141,5 +166,10 @@ class PreservationKL:
         text = (kl * m).sum() / m.sum()
         if not self.groups:
             return text
-        swapped = [self._run(self._group_kl, model, i)[mask] for i, mask in enumerate(self.group_masks)]
+        swapped = []
+        for i, rows in enumerate(self._drawn_rows()):
+            if rows is None:
+                swapped.append(self._run(self._group_kl, model, i)[self.group_masks[i]])
+            elif len(rows):
+                swapped.append(self._run(self._group_kl, model, i, rows)[self.group_masks[i][rows]])
         return text + torch.cat(swapped).mean()
