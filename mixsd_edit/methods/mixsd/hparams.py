@@ -69,7 +69,8 @@ class MixSDHyperParams(HyperParams):
     preserve_seq_len: int
     preserve_swaps: int            # + per request, k prompts with the subject swapped for a name from
                                    #   preserve_dataset, KL at their last position (0 = off)
-    preserve_swaps_per_step: int   # score a fresh random this-many of the swapped prompts per step (0 = all)
+    preserve_swaps_per_step: int   # per request, score a fresh random this-many of its swapped prompts at
+                                   #   each step (0 = all of them)
     preserve_swap_positions: str   # last | after_subject: which positions of a swapped prompt are scored
     preserve_checkpoint: bool      # recompute the term's forward passes in backward (same gradients, less
                                    #   memory, more time; for batches of hundreds of requests with swaps)

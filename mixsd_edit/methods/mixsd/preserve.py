@@ -27,11 +27,13 @@ into: other subjects' keys under the same relation (CounterFact's neighbourhood 
 last token on instead of the last one only ("Ann Lee| professionally| plays| the| sport|"), so the
 shorter phrasings of the same relation that neighbours are asked in ("X plays") are kept too; each
 (prompt, position) pair weighs the same in the swapped prompts' mean.
-``preserve_swaps_per_step: m`` (> 0) scores a fresh random m of the swapped prompts at each call instead
-of all of them (drawn without replacement from a generator seeded with ``seed``, so the same seed gives
-the same draws): the swapped prompts' mean is then an estimate of the full mean, and the term's cost
-stops growing with the number of requests (8 swaps x 1000 requests is 8000 prompts per step). With m at
-or above the number of swapped prompts every prompt is scored, exactly as with 0.
+``preserve_swaps_per_step: m`` (> 0) scores, at each call, a fresh random m of each request's swapped
+prompts instead of all of them (drawn without replacement from a generator seeded with ``seed``, so the
+same seed gives the same draws): every request keeps its share of the term at every step, and the mean
+over the drawn prompts is an unbiased estimate of the full mean at m/``preserve_swaps`` of its cost. (A
+uniform draw over all the call's swapped prompts was tried first: a request's own swaps were then absent
+in half the steps and m/total-times larger in the others, and on 100 tuning edits that cost efficacy,
+ES 0.94 -> 0.74; BENCHMARKS.md §36.) With m >= ``preserve_swaps`` every prompt is scored, exactly as with 0.
 """
 from __future__ import annotations
 
@@ -70,11 +72,15 @@ class PreservationKL:
         self.swapped = self._swapped_prompts(tok, hp, requests, corpus) if hp.preserve_swaps > 0 else []
         # swapped prompts in groups of equal length: no padding, and logits only at the scored tail
         # (a [prompts, length, vocab] logits tensor of a few hundred prompts does not fit a small machine)
-        by_len: dict[int, list[tuple[list[int], int]]] = {}
-        for ids_, first in self.swapped:
-            by_len.setdefault(len(ids_), []).append((ids_, first))
+        by_len: dict[int, list[int]] = {}
+        for p, (ids_, _) in enumerate(self.swapped):
+            by_len.setdefault(len(ids_), []).append(p)
         self.groups, self.group_masks = [], []
-        for length, g in sorted(by_len.items()):
+        self.where: list[tuple[int, int]] = [(0, 0)] * len(self.swapped)  # prompt p: (group, row)
+        for length, members in sorted(by_len.items()):
+            g = [self.swapped[p] for p in members]
+            for row, p in enumerate(members):
+                self.where[p] = (len(self.groups), row)
             keep = length - min(first for _, first in g)  # positions scored in this group, from the end
             self.groups.append(torch.tensor([ids_ for ids_, _ in g], device=dev))
             # row r scores the tail positions at or after its own first scored position
@@ -93,12 +99,11 @@ class PreservationKL:
         self.group_top = [lp.topk(k, dim=-1) for lp in tails]
         self.group_rest = [rest_logp(t.values) for t in self.group_top]
         self.n_positions = int(self.mask.sum()) + sum(int(m.sum()) for m in self.group_masks)
-        self.n_swapped = len(self.swapped)
-        self.per_step = hp.preserve_swaps_per_step if 0 < hp.preserve_swaps_per_step < self.n_swapped else 0
+        # stratified draws (preserve_swaps_per_step): swapped prompt p belongs to request p // preserve_swaps
+        # (swap_pairs keeps request order)
+        self.swaps_per_request = hp.preserve_swaps
+        self.per_step = hp.preserve_swaps_per_step if 0 < hp.preserve_swaps_per_step < hp.preserve_swaps else 0
         self.generator = torch.Generator().manual_seed(hp.seed)
-        self.group_starts = [0]
-        for g in self.groups[:-1]:
-            self.group_starts.append(self.group_starts[-1] + len(g))
 
     def _text_logp(self, model) -> torch.Tensor:
         return model(input_ids=self.ids, attention_mask=self.mask).logits.float().log_softmax(-1)
@@ -145,12 +150,17 @@ class PreservationKL:
 
     def _drawn_rows(self) -> list[torch.Tensor | None]:
         """Per group, the rows scored at this call: all (None) or, with ``preserve_swaps_per_step``, the
-        group's share of a fresh draw of that many swapped prompts (an empty tensor: none this time)."""
+        group's rows among a fresh draw of that many swapped prompts per request (empty: none this time)."""
         if not self.per_step:
             return [None] * len(self.groups)
-        drawn = torch.randperm(self.n_swapped, generator=self.generator)[: self.per_step].sort().values
-        return [drawn[(drawn >= start) & (drawn < start + len(g))] - start
-                for start, g in zip(self.group_starts, self.groups)]
+        k, n_req = self.swaps_per_request, len(self.swapped) // self.swaps_per_request
+        picks = torch.rand(n_req, k, generator=self.generator).argsort(dim=1)[:, : self.per_step]
+        drawn = (picks + k * torch.arange(n_req).unsqueeze(1)).flatten().tolist()
+        rows: list[list[int]] = [[] for _ in self.groups]
+        for p in drawn:
+            g, row = self.where[p]
+            rows[g].append(row)
+        return [torch.tensor(sorted(r), dtype=torch.long) for r in rows]
 
     def _run(self, fn, *args) -> torch.Tensor:
         """``fn(*args)``; with ``preserve_checkpoint`` its activations are not kept but recomputed in
