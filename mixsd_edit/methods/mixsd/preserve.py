@@ -30,10 +30,12 @@ shorter phrasings of the same relation that neighbours are asked in ("X plays") 
 ``preserve_swaps_per_step: m`` (> 0) scores, at each call, a fresh random m of each request's swapped
 prompts instead of all of them (drawn without replacement from a generator seeded with ``seed``, so the
 same seed gives the same draws): every request keeps its share of the term at every step, and the mean
-over the drawn prompts is an unbiased estimate of the full mean at m/``preserve_swaps`` of its cost. (A
-uniform draw over all the call's swapped prompts was tried first: a request's own swaps were then absent
-in half the steps and m/total-times larger in the others, and on 100 tuning edits that cost efficacy,
-ES 0.94 -> 0.74; BENCHMARKS.md §36.) With m >= ``preserve_swaps`` every prompt is scored, exactly as with 0.
+over the drawn prompts is an unbiased estimate of the full mean at about m/``preserve_swaps`` of its cost.
+It is not free: on 100 tuning edits in one batch, m = 1 of 8 took the batch YAML's ES from 0.95 to 0.83
+and kept no more of the model (a uniform draw of 64 of the call's 800 prompts, tried first: ES 0.74;
+BENCHMARKS.md §36). Every YAML keeps 0; the switch is for batches where scoring every swapped prompt
+at every step does not fit the time or memory at hand. With m >= ``preserve_swaps`` every prompt is
+scored, exactly as with 0.
 """
 from __future__ import annotations
 
