@@ -1,5 +1,5 @@
 """Peak memory and time of a MixSD batch apply with and without ``preserve_checkpoint`` (or, with
-``--swaps-per-step M``, scoring every swapped prompt vs a random M of them per step), in one run.
+``--swaps-per-step M``, scoring every swapped prompt vs a random M of each request's per step), in one run.
 
 The preservation term scores ``preserve_n_tokens`` of text and ``preserve_swaps`` swapped prompts per request
 at every training step; without checkpointing the activations of all of them are held until backward, so
@@ -14,7 +14,7 @@ model load, and a hash of the edited weights (with checkpointing the two variant
 with ``--swaps-per-step`` they train on different subsets and need not).
 
     PYTHONPATH=. python3 benchmarks/preserve_memory.py --cases 500:550 --steps 3
-    PYTHONPATH=. python3 benchmarks/preserve_memory.py --cases 500:700 --steps 3 --swaps-per-step 256
+    PYTHONPATH=. python3 benchmarks/preserve_memory.py --cases 500:540 --steps 5 --swaps-per-step 1
 """
 from __future__ import annotations
 
@@ -61,8 +61,7 @@ def child(args) -> dict:
     h = hashlib.sha256()
     for name in sorted(wc):
         h.update(model.get_parameter(name).detach().cpu().contiguous().numpy().tobytes())
-    label = f"{args.variant_per_step} per step" if args.swaps_per_step else args.checkpoint
-    return {"variant": label, "checkpoint": args.checkpoint, "swaps_per_step": args.variant_per_step,
+    return {"checkpoint": args.checkpoint, "swaps_per_step": args.variant_per_step,
             "swapped_prompts": len(requests) * hp.preserve_swaps, "requests": len(requests), "steps": meta[0]["train_steps"],
             "apply_s": seconds, "peak_rss_mb": peak, "rss_after_load_mb": loaded,
             "peak_above_load_mb": peak - loaded, "weights_sha256": h.hexdigest()}
@@ -76,7 +75,7 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--swaps-per-step", type=int, default=0,
-                    help="compare every swapped prompt (preserve_swaps_per_step 0) with M per step, checkpointing off")
+                    help="compare every swapped prompt (preserve_swaps_per_step 0) with M of each request's per step, checkpointing off")
     ap.add_argument("--out", default=None, help="write both results as JSON here")
     ap.add_argument("--checkpoint", choices=("on", "off"), default=None, help=argparse.SUPPRESS)  # child mode
     ap.add_argument("--variant-per-step", type=int, default=0, help=argparse.SUPPRESS)  # child mode
@@ -89,7 +88,7 @@ def main(argv=None):
     for mode, per_step in variants:
         cmd = [sys.executable, __file__, "--hparams", args.hparams, "--data", args.data, "--cases", args.cases,
                "--steps", str(args.steps), "--threads", str(args.threads), "--checkpoint", mode,
-               "--swaps-per-step", str(args.swaps_per_step), "--variant-per-step", str(per_step)]
+               "--variant-per-step", str(per_step)]
         out = subprocess.run(cmd, check=True, capture_output=True, text=True,
                              env={**os.environ, "PYTHONPATH": str(ROOT)}).stdout
         rows.append(json.loads(out.strip().splitlines()[-1]))
@@ -99,10 +98,10 @@ def main(argv=None):
           f"swapped prompts, one batch), {base['steps']} steps")
     print(f"| {what} | apply s | peak RSS MB | peak above model load MB |")
     print("|---|---|---|---|")
-    for r in rows:
-        label = (r["swaps_per_step"] or "0 (all)") if args.swaps_per_step else r["checkpoint"]
+    labels = [(r["swaps_per_step"] or "0 (all)") if args.swaps_per_step else r["checkpoint"] for r in rows]
+    for label, r in zip(labels, rows):
         print(f"| {label} | {r['apply_s']:.1f} | {r['peak_rss_mb']:.0f} | {r['peak_above_load_mb']:.0f} |")
-    print(f"ratios {rows[1]['variant']} / {rows[0]['variant']}: time x{other['apply_s'] / base['apply_s']:.2f}, "
+    print(f"ratios {labels[1]} / {labels[0]}: time x{other['apply_s'] / base['apply_s']:.2f}, "
           f"peak RSS x{other['peak_rss_mb'] / base['peak_rss_mb']:.2f}, "
           f"peak above load x{other['peak_above_load_mb'] / base['peak_above_load_mb']:.2f}; "
           f"edited weights identical: {other['weights_sha256'] == base['weights_sha256']}")
