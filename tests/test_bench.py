@@ -398,6 +398,14 @@ def test_edit_curve_plot_and_the_thin_script(tmp_path):
     assert _is_png(tmp_path / "curve.png")
     info = bench_plot.plot_edit_curve(bench_plot.load_summaries(paths), tmp_path / "c2.png")
     assert info["n"] == [1, 10, 100] and info["series"] == 7 * 2  # 7 labels x {batch, sequential}
+    # a single-mode run over 20 cases is the one-edit point of each label's batch line
+    single = synthetic_summary(n=20, mode="single")
+    for r in single["rows"].values():
+        r["mode"] = "single" if r["kind"] == "method" else None
+    (tmp_path / "single20.json").write_text(json.dumps(single))
+    info = bench_plot.plot_edit_curve(bench_plot.load_summaries([*paths[1:], str(tmp_path / "single20.json")]),
+                                      tmp_path / "c3.png")
+    assert info["n"] == [1, 10, 100] and info["series"] == 7 * 2
     r = subprocess.run([sys.executable, str(REPO / "benchmarks" / "plot_tradeoff.py"), paths[2], "--out",
                         str(tmp_path / "script.png")], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr

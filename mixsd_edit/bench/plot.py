@@ -5,7 +5,9 @@
   unedited model is a grey star. Several summaries can be drawn together (their mode and n tag the
   labels when they differ).
 * ``curve``: efficacy, locality and retention against the number of edits, one line per row label
-  and mode, from summaries of runs with different ``--n`` (sequential runs dashed).
+  and mode, from summaries of runs with different ``--n`` (sequential runs dashed). A ``single``-mode
+  run is its label's point at one edit on the batch line (each model there holds one edit; its scores
+  are means over the run's cases, not one case).
 
 Efficacy: ROME's ES (share of requests with P(new) > P(true)) when the summaries have CounterFact
 scores, else rewrite_acc. Retention: known-fact retention (post/pre), else WikiText-2 perplexity
@@ -185,8 +187,10 @@ def plot_edit_curve(summaries: Sequence[dict], out: str | Path, efficacy_metric:
     for s, row in _method_rows(summaries):
         if row["kind"] != "method" or row.get("status") != "ok":
             continue
-        series.setdefault((row["label"], row["mode"]), []).append(
-            (s["n"], efficacy(row, eff_key), locality(row), retention(row, ret_key) if ret_key else None))
+        single = row["mode"] == "single"
+        series.setdefault((row["label"], "batch" if single else row["mode"]), []).append(
+            (1 if single else s["n"], efficacy(row, eff_key), locality(row),
+             retention(row, ret_key) if ret_key else None))
     if not series:
         raise PlotError("no method row to plot")
     plt = _pyplot()
