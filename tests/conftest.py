@@ -135,7 +135,7 @@ def mixsd_hparams(**overrides):
                 lr=1e-2, num_steps=5, min_epochs=0, train_batch_size=4, weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.95,
                 grad_clip=1.0, norm_constraint=None, early_stop_loss=None, delta="full", key_stats_dataset=None,
                 key_stats_n_tokens=100000, key_stats_seq_len=256, isolate_requests=False, exclude_batch_mean=False,
-                subject_key_names=0, subject_key_weight=0.0, delta_l2=0.0, past_edit_key_weight=0.0, batch_key_weight=0.0, context_prefixes=0, context_prefix_words=8,
+                subject_key_names=0, subject_key_weight=0.0, delta_l2=0.0, past_edit_key_weight=0.0, batch_key_weight=0.0, context_prefixes=0, context_prefix_words=8, context_prefix_key="mean",
                 preserve_weight=0.0, preserve_dataset=None,
                 preserve_n_tokens=512, preserve_seq_len=128, preserve_swaps=0, preserve_swaps_per_step=0,
                 preserve_swap_positions="last", preserve_checkpoint=False)

@@ -100,6 +100,25 @@ def test_the_subject_key_is_the_mean_over_the_bare_and_prefixed_contexts(word_to
     assert not torch.allclose(got, bare)  # the openings do change the keys
 
 
+def test_bare_key_keeps_the_bare_prompts_key_and_still_trains_after_the_openings(word_tok, sentence_corpus):
+    """``context_prefix_key: bare``: the direction is the bare prompt's key (the openings are in training
+    only), and the edit differs from training without the openings."""
+    model = tiny_llama(len(word_tok), seed=2)
+    hp = _hp(sentence_corpus, context_prefix_key="bare")
+    prefixes = context_prefixes(sentence_corpus.read_text(), 2, 3, hp.seed)
+    mods = ["model.layers.0.mlp.down_proj"]
+    got = mixsd_apply.edit_subject_keys(model, word_tok, _reqs(), hp, mods, prefixes)[mods[0]]
+    assert torch.equal(got, subject_keys(model, word_tok, _reqs(), hp, mods)[mods[0]])
+
+    def edited(hp_):
+        m = tiny_llama(len(word_tok), seed=2)
+        apply_mixsd_to_model(m, word_tok, _reqs(), hp_)
+        return m.state_dict()[mods[0] + ".weight"]
+
+    bare, none, mean = edited(hp), edited(_hp(sentence_corpus, context_prefixes=0)), edited(_hp(sentence_corpus))
+    assert not torch.allclose(bare, none) and not torch.allclose(bare, mean)
+
+
 def test_prefixed_training_writes_the_target_after_the_openings(word_tok, sentence_corpus):
     """After the same number of steps, the target's NLL after the openings is lower when they were trained on."""
     hp_on = _hp(sentence_corpus)
@@ -125,7 +144,8 @@ def test_prefixed_training_writes_the_target_after_the_openings(word_tok, senten
 @pytest.mark.parametrize("kw, match", [({"context_prefixes": -1}, "context_prefixes must be >= 0"),
                                        ({"context_prefix_words": 0}, "context_prefix_words must be >= 1"),
                                        ({"context_prefixes": 2, "key_stats_dataset": None},
-                                        "context_prefixes needs a key_stats_dataset")])
+                                        "context_prefixes needs a key_stats_dataset"),
+                                       ({"context_prefix_key": "prefixed"}, "context_prefix_key must be one of")])
 def test_context_prefix_values_are_checked(kw, match):
     with pytest.raises(HyperParamsError, match=match):
         mixsd_hparams(**kw)

@@ -130,10 +130,11 @@ def key_stats_text(model, tok, hp: MixSDHyperParams) -> str:
 
 def edit_subject_keys(model, tok, requests: Sequence[dict], hp: MixSDHyperParams, modules: list[str],
                       prefixes: Sequence[str]) -> dict:
-    """:func:`subject_keys`; with prefixes, each request's key is the mean over its bare context and its
-    prefixed ones (as ROME averages its key over prefixed contexts)."""
+    """:func:`subject_keys`; with prefixes and ``context_prefix_key: mean``, each request's key is the mean
+    over its bare context and its prefixed ones (as ROME averages its key over prefixed contexts); with
+    ``bare`` the prefixed copies are trained on but the direction is the bare prompt's key."""
     keys = subject_keys(model, tok, requests, hp, modules)
-    if not prefixes:
+    if not prefixes or hp.context_prefix_key == "bare":
         return keys
     more = subject_keys(model, tok, prefixed_requests(requests, prefixes), hp, modules)
     n, k = len(requests), len(prefixes)

@@ -9,6 +9,7 @@ from mixsd_edit.hparams import HyperParams, HyperParamsError
 FALLBACKS = ("forced_prefix", "skip", "error")
 SWAP_POSITIONS = ("last", "after_subject")
 DELTAS = ("full", "key_rank_one")
+PREFIX_KEYS = ("mean", "bare")
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,8 @@ class MixSDHyperParams(HyperParams):
     context_prefixes: int          # + train each target after k openings taken from key_stats_dataset (and,
                                    #   key_rank_one, average the subject key over them); 0 = off (prefixes.py)
     context_prefix_words: int      #   ... of this many words each
+    context_prefix_key: str        #   key_rank_one: the subject key is the "mean" over the bare and prefixed
+                                   #   contexts, or the "bare" prompt's alone (openings in training only)
     # --- preservation (methods/mixsd/preserve.py): + preserve_weight x KL(base || edited) on ordinary text
     preserve_weight: float         # 0 = off (the paper's objective)
     preserve_dataset: str | None   # text file or model_samples; required when preserve_weight > 0
@@ -150,6 +153,8 @@ class MixSDHyperParams(HyperParams):
             bad("context_prefixes", f"must be >= 0, got {self.context_prefixes}")
         if self.context_prefix_words < 1:
             bad("context_prefix_words", f"must be >= 1, got {self.context_prefix_words}")
+        if self.context_prefix_key not in PREFIX_KEYS:
+            bad("context_prefix_key", f"must be one of {PREFIX_KEYS}, got '{self.context_prefix_key}'")
         if self.context_prefixes > 0 and self.key_stats_dataset is None:
             bad("context_prefixes", "needs a key_stats_dataset (the openings are taken from it)")
         if self.preserve_weight < 0:
