@@ -149,6 +149,8 @@ def bench_plot_main(argv: list[str]) -> int:
     except (PlotError, FileNotFoundError, json.JSONDecodeError) as e:
         print(f"mixsd-edit bench plot: error: {e}", file=sys.stderr)
         return 2
+    if "table" in info:  # the curve's points, efficacy / locality / retention per cell
+        print(info["table"])
     print(f"wrote {info['out']} (efficacy: {info['efficacy']}, retention: {info['retention']})")
     return 0
 

@@ -406,6 +406,9 @@ def test_edit_curve_plot_and_the_thin_script(tmp_path):
     info = bench_plot.plot_edit_curve(bench_plot.load_summaries([*paths[1:], str(tmp_path / "single20.json")]),
                                       tmp_path / "c3.png")
     assert info["n"] == [1, 10, 100] and info["series"] == 7 * 2
+    table = info["table"].splitlines()
+    assert table[0] == "| method (mode) | 1 edit | 10 edits | 100 edits |" and len(table) == 2 + 7 * 2
+    assert all(row.count(" / ") == 2 * 3 for row in table[2:] if "(batch)" in row)  # 1, 10 and 100 edits
     r = subprocess.run([sys.executable, str(REPO / "benchmarks" / "plot_tradeoff.py"), paths[2], "--out",
                         str(tmp_path / "script.png")], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr

@@ -219,7 +219,21 @@ def plot_edit_curve(summaries: Sequence[dict], out: str | Path, efficacy_metric:
     fig.tight_layout()
     fig.savefig(out, dpi=150)
     plt.close(fig)
-    return {"efficacy": eff_key, "retention": ret_key, "series": len(series), "n": ns, "out": str(out)}
+    return {"efficacy": eff_key, "retention": ret_key, "series": len(series), "n": ns, "out": str(out),
+            "table": curve_table(series, ns)}
+
+
+def curve_table(series: Mapping[tuple[str, str], list[tuple]], ns: Sequence[int]) -> str:
+    """The plotted points as Markdown: one row per (label, mode), one column per number of edits, each cell
+    'efficacy / locality / retention' ('-' where a value is missing, empty where the run has no point)."""
+    def cell(p):
+        return " / ".join("-" if v is None else f"{v:.2f}" for v in p[1:])
+    lines = ["| method (mode) | " + " | ".join(f"{n} edit{'s' if n > 1 else ''}" for n in ns) + " |",
+             "|---|" + "---|" * len(ns)]
+    for (label, mode), pts in sorted(series.items()):
+        at = {p[0]: p for p in pts}
+        lines.append(f"| {label} ({mode}) | " + " | ".join(cell(at[n]) if n in at else "" for n in ns) + " |")
+    return "\n".join(lines)
 
 
 def build_parser() -> argparse.ArgumentParser:

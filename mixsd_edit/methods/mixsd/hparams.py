@@ -60,8 +60,8 @@ class MixSDHyperParams(HyperParams):
                                    #   the edits already made in the sequence (protects them; 0 = off)
     batch_key_weight: float        # key_rank_one, a batch of edits: C + w·Σ k_j k_jᵀ over the subject keys of
                                    #   this call's requests, so each change avoids the others' subjects (0 = off)
-    context_prefixes: int          # + train each target after k openings taken from key_stats_dataset (and,
-                                   #   key_rank_one, average the subject key over them); 0 = off (prefixes.py)
+    context_prefixes: int          # + train each target after k openings taken from key_stats_dataset; 0 = off
+                                   #   (prefixes.py)
     context_prefix_words: int      #   ... of this many words each
     context_prefix_key: str        #   key_rank_one: the subject key is the "mean" over the bare and prefixed
                                    #   contexts, or the "bare" prompt's alone (openings in training only)

@@ -5,8 +5,9 @@ as the subject appears after other text, because the subject's key there is not 
 change was fitted to. ROME and MEMIT fit their changes under short model-written prefixes for this
 reason. With ``context_prefixes: k`` MixSD does the same: each request is also trained on its mixed
 target after ``k`` openings of ``context_prefix_words`` words taken from the key-statistics text
-(ordinary text the editor already holds; never evaluation data), and with ``delta: key_rank_one`` the
-subject key that sets the change's direction is the mean over the bare and the prefixed contexts.
+(ordinary text the editor already holds; never evaluation data). With ``delta: key_rank_one`` the
+subject key that sets the change's direction is the mean over the bare and the prefixed contexts
+(``context_prefix_key: mean``) or the bare prompt's alone (``bare``: the openings in training only).
 The same ``k`` openings are used for every request of a call, so a request's training does not
 depend on which other requests share its batch.
 """
