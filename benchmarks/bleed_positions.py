@@ -1,0 +1,165 @@
+"""Where an edit reaches a neighbourhood prompt it should leave alone (BENCHMARKS.md §38).
+
+For each CounterFact case in --cases, one edit alone on the unedited model (--alg with the shipped YAML for
+--model, changed by --set), then for each neighbourhood prompt whose teacher-forced answer moved (EasyEdit
+locality < 1) the edit's weight change ΔW (edited minus original weight of every Linear it touched) is taken
+back at chosen token positions only — forward hooks subtract ΔW·k_t from the module's output at those
+positions — and the neighbour's locality is measured again:
+
+- all: every position of prompt + answer (gives back the unedited predictions: a check on the tool);
+- prompt: the neighbourhood prompt's own positions, not the answer's;
+- last: the prompt's last token (where the relation is read and the answer predicted);
+- each: one position at a time (which single tokens carry enough of the change to move the answer);
+- through: the shortest run of positions from the start whose taking back gives the answer back, named by its
+  last token (the change must pass through the prompt up to there; with causal attention the later positions
+  then see an unedited past).
+
+The per-case rows go to --out as JSON lines; the summary is printed as a Markdown table.
+
+    PYTHONPATH=. python3 benchmarks/bleed_positions.py --model gemma3-270m --alg MixSD --cases 500:520
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator, Mapping, Sequence
+
+import torch
+
+from mixsd_edit.bench.spec import parse_assignments, split_top_level
+from mixsd_edit.data.loaders import load_counterfact
+from mixsd_edit.evaluation.metrics import agreement, teacher_forced_predictions
+from mixsd_edit.methods import get_method
+from mixsd_edit.models import load_model_and_tokenizer
+from mixsd_edit.prompting import PromptFormat
+
+ROOT = Path(__file__).resolve().parent.parent
+DATA = Path(os.environ.get("MIXSD_EDIT_SHARED_DATA", ROOT.parent / "shared" / "data"))
+
+
+def weight_changes(model, originals: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``{module name: ΔW}`` for every changed ``<Linear>.weight`` in ``originals`` (name -> original value)."""
+    params, modules = dict(model.named_parameters()), dict(model.named_modules())
+    out = {}
+    for name, orig in originals.items():
+        mod_name, _, leaf = name.rpartition(".")
+        if leaf != "weight" or not isinstance(modules.get(mod_name), torch.nn.Linear):
+            raise ValueError(f"{name}: only Linear weights can be taken back at positions")
+        d = params[name].detach().float() - orig.float()
+        if d.abs().max() > 0:
+            out[mod_name] = d
+    return out
+
+
+@contextmanager
+def taken_back_at(model, deltas: Mapping[str, torch.Tensor], positions: Sequence[int]) -> Iterator[None]:
+    """Within the block the model acts as if ``deltas`` were not applied at ``positions`` (every row)."""
+    modules = dict(model.named_modules())
+    pos = list(positions)
+
+    def make_hook(d):
+        def hook(module, args, output):
+            out = output.clone()
+            out[:, pos, :] -= (args[0][:, pos, :].float() @ d.T).to(out.dtype)
+            return out
+        return hook
+
+    handles = [modules[m].register_forward_hook(make_hook(d)) for m, d in deltas.items()]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def position_reverts(model, tok, fmt: PromptFormat, deltas: Mapping[str, torch.Tensor], prompt: str, answer: str,
+                     before: Sequence[int]) -> dict:
+    """Locality of one neighbour (``before``: its unedited teacher-forced predictions) with the change taken
+    back at all / prompt / last / each single position."""
+    n_ctx = len(fmt.context_ids(tok, prompt))
+    seq = fmt.context_ids(tok, prompt) + fmt.answer_ids(tok, answer)
+
+    def loc(positions):
+        with taken_back_at(model, deltas, positions):
+            return agreement(before, teacher_forced_predictions(model, tok, fmt, [prompt], [answer])[0][0])
+
+    through = next((t for t in range(len(seq)) if loc(range(t + 1)) >= 1), None)
+    return {"tokens": [tok.decode([t]) for t in seq], "n_prompt": n_ctx,
+            "all": loc(range(len(seq))), "prompt": loc(range(n_ctx)), "last": loc([n_ctx - 1]),
+            "each": [loc([t]) for t in range(len(seq))], "through": through}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m-instruct")
+    ap.add_argument("--alg", default="MixSD")
+    ap.add_argument("--set", default="", help="hparam overrides, 'k=v;k=v'")
+    ap.add_argument("--data", default=str(DATA / "counterfact_easyedit" / "counterfact-edit-1k.json"))
+    ap.add_argument("--cases", default="500:520")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", help="JSON lines, one per case")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    a, b = (int(x) for x in args.cases.split(":"))
+    if a < 200:
+        raise SystemExit("the first 200 cases are evaluation cases: diagnose on others")
+    method = get_method(args.alg)
+    hp = method.hparams_cls.from_hparams(ROOT / "hparams" / args.alg / args.model)
+    hp = hp.replace(**parse_assignments(split_top_level(args.set, ";"), "--set"))
+    model, tok = load_model_and_tokenizer(hp.model_name)
+    fmt = PromptFormat(getattr(hp, "use_chat_template", False), getattr(hp, "system_prompt", None))
+    rows = []
+    for i, req in enumerate(load_counterfact(args.data, n=b - a, start=a)):
+        nb = req["locality"]["neighborhood"]
+        befores = [p for p, _ in teacher_forced_predictions(model, tok, fmt, nb["prompt"], nb["ground_truth"])]
+        _, originals = method.apply_fn(model, tok, [req], hp, return_orig_weights=True)
+        try:
+            deltas = weight_changes(model, originals)
+            afters = [p for p, _ in teacher_forced_predictions(model, tok, fmt, nb["prompt"], nb["ground_truth"])]
+            for p, g, pre, post in zip(nb["prompt"], nb["ground_truth"], befores, afters):
+                row = {"case": a + i, "edit": req["prompt"], "target_new": req["target_new"], "neighbour": p,
+                       "locality": agreement(pre, post)}
+                if row["locality"] < 1:
+                    row.update(position_reverts(model, tok, fmt, deltas, p, g, pre))
+                rows.append(row)
+                if args.out:
+                    with open(args.out, "a", encoding="utf-8") as fh:
+                        fh.write(json.dumps(row) + "\n")
+        finally:
+            with torch.no_grad():
+                params = dict(model.named_parameters())
+                for name, w in originals.items():
+                    params[name].copy_(w)
+    print(summary_table(rows, f"{args.model}, {args.alg}{' (' + args.set + ')' if args.set else ''}, cases {args.cases}"))
+
+
+def summary_table(rows: Sequence[dict], title: str) -> str:
+    moved = [r for r in rows if r["locality"] < 1]
+    mean = lambda xs: sum(xs) / len(xs) if xs else float("nan")  # noqa: E731
+    lines = [f"{title}: {len(rows)} neighbours, locality {mean([r['locality'] for r in rows]):.3f}, "
+             f"{len(moved)} moved", "",
+             "| case | neighbour | taken back: all | prompt | last token | single tokens that give it back "
+             "| from the start through |",
+             "|---|---|---|---|---|---|---|"]
+    for r in moved:
+        singles = [t.strip() or repr(t) for t, v in zip(r["tokens"], r["each"]) if v >= 1]
+        lines.append(f"| {r['case']} | {r['neighbour']} | {r['all']:.2f} | {r['prompt']:.2f} | {r['last']:.2f} | "
+                     f"{', '.join(singles) or '(none alone)'} | {_through(r)} |")
+    if moved:
+        lines.append(f"| mean of {len(moved)} | | {mean([r['all'] for r in moved]):.2f} | "
+                     f"{mean([r['prompt'] for r in moved]):.2f} | {mean([r['last'] for r in moved]):.2f} | | |")
+    return "\n".join(lines)
+
+
+def _through(r: dict) -> str:
+    t = r.get("through")
+    if t is None:
+        return "(never)"
+    return f"{r['tokens'][t].strip() or repr(r['tokens'][t])} ({t + 1} of {r['n_prompt']} prompt tokens)"
+
+
+if __name__ == "__main__":
+    main()
