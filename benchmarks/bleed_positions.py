@@ -14,6 +14,12 @@ positions — and the neighbour's locality is measured again:
   last token (the change must pass through the prompt up to there; with causal attention the later positions
   then see an unedited past).
 
+It also reports how large the change is where it lands: ``size`` = Σ over edited modules of |ΔW k_t| at the token
+of the edit's own prompt where that is largest (the subject's last token for key-directed edits), and per neighbour
+``reach`` = the same at the neighbour's prompt token where it is largest, divided by ``size``; and both per edited
+module. A method can move neighbours by a large change (big ``size``) or by a direction its neighbours' keys share
+(big ``reach``).
+
 The per-case rows go to --out as JSON lines; the summary is printed as a Markdown table.
 
     PYTHONPATH=. python3 benchmarks/bleed_positions.py --model gemma3-270m --alg MixSD --cases 500:520
@@ -75,6 +81,33 @@ def taken_back_at(model, deltas: Mapping[str, torch.Tensor], positions: Sequence
             h.remove()
 
 
+@torch.no_grad()
+def change_by_module(model, tok, fmt: PromptFormat, deltas: Mapping[str, torch.Tensor], prompt: str
+                     ) -> dict[str, list[float]]:
+    """``{module: |ΔW k_t| at each token of prompt}`` (its context ids) for every changed module."""
+    modules = dict(model.named_modules())
+    got: dict[str, list[float]] = {}
+
+    def make_hook(m, d):
+        def hook(module, args, output):
+            got[m] = (args[0][0].float() @ d.T).norm(dim=-1).tolist()
+        return hook
+
+    handles = [modules[m].register_forward_hook(make_hook(m, d)) for m, d in deltas.items()]
+    try:
+        model(input_ids=torch.tensor([fmt.context_ids(tok, prompt)], device=next(model.parameters()).device))
+    finally:
+        for h in handles:
+            h.remove()
+    return got
+
+
+def change_per_position(model, tok, fmt: PromptFormat, deltas: Mapping[str, torch.Tensor], prompt: str) -> list[float]:
+    """Σ over the changed modules of |ΔW k_t| at each token of ``prompt``."""
+    by_module = change_by_module(model, tok, fmt, deltas, prompt)
+    return [sum(col) for col in zip(*by_module.values())]
+
+
 def position_reverts(model, tok, fmt: PromptFormat, deltas: Mapping[str, torch.Tensor], prompt: str, answer: str,
                      before: Sequence[int]) -> dict:
     """Locality of one neighbour (``before``: its unedited teacher-forced predictions) with the change taken
@@ -119,9 +152,14 @@ def main(argv=None):
         try:
             deltas = weight_changes(model, originals)
             afters = [p for p, _ in teacher_forced_predictions(model, tok, fmt, nb["prompt"], nb["ground_truth"])]
+            size = max(change_per_position(model, tok, fmt, deltas, req["prompt"]))
+            at_edit = {m: max(v) for m, v in change_by_module(model, tok, fmt, deltas, req["prompt"]).items()}
             for p, g, pre, post in zip(nb["prompt"], nb["ground_truth"], befores, afters):
+                at_nb = {m: max(v) for m, v in change_by_module(model, tok, fmt, deltas, p).items()}
                 row = {"case": a + i, "edit": req["prompt"], "target_new": req["target_new"], "neighbour": p,
-                       "locality": agreement(pre, post)}
+                       "locality": agreement(pre, post), "size": size,
+                       "reach": max(change_per_position(model, tok, fmt, deltas, p)) / max(size, 1e-12),
+                       "size_by_module": at_edit, "reach_by_module": {m: at_nb[m] / max(at_edit[m], 1e-12) for m in at_nb}}
                 if row["locality"] < 1:
                     row.update(position_reverts(model, tok, fmt, deltas, p, g, pre))
                 rows.append(row)
@@ -139,8 +177,11 @@ def main(argv=None):
 def summary_table(rows: Sequence[dict], title: str) -> str:
     moved = [r for r in rows if r["locality"] < 1]
     mean = lambda xs: sum(xs) / len(xs) if xs else float("nan")  # noqa: E731
+    kept = [r for r in rows if r["locality"] >= 1]
     lines = [f"{title}: {len(rows)} neighbours, locality {mean([r['locality'] for r in rows]):.3f}, "
-             f"{len(moved)} moved", "",
+             f"{len(moved)} moved; change size at the edit (mean) {mean([r['size'] for r in rows]):.2f}; reach "
+             f"(neighbour / edit, mean) moved {mean([r['reach'] for r in moved]):.2f}, kept "
+             f"{mean([r['reach'] for r in kept]):.2f}", "",
              "| case | neighbour | taken back: all | prompt | last token | single tokens that give it back "
              "| from the start through |",
              "|---|---|---|---|---|---|---|"]
@@ -151,6 +192,15 @@ def summary_table(rows: Sequence[dict], title: str) -> str:
     if moved:
         lines.append(f"| mean of {len(moved)} | | {mean([r['all'] for r in moved]):.2f} | "
                      f"{mean([r['prompt'] for r in moved]):.2f} | {mean([r['last'] for r in moved]):.2f} | | |")
+    by_module = [r for r in rows if r.get("size_by_module")]
+    if by_module:
+        names = list(by_module[0]["size_by_module"])
+        lines += ["", "| module | change size at the edit (mean) | reach, moved (mean) | reach, kept (mean) |",
+                  "|---|---|---|---|"]
+        for m in names:
+            lines.append(f"| {m} | {mean([r['size_by_module'].get(m, 0.0) for r in by_module]):.2f} | "
+                         f"{mean([r['reach_by_module'].get(m, 0.0) for r in by_module if r['locality'] < 1]):.2f} | "
+                         f"{mean([r['reach_by_module'].get(m, 0.0) for r in by_module if r['locality'] >= 1]):.2f} |")
     return "\n".join(lines)
 
 

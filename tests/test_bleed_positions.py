@@ -80,10 +80,39 @@ def test_position_reverts_all_restores_the_unedited_predictions(tok):
     assert r["n_prompt"] == len(fmt.context_ids(tok, prompt)) and len(r["each"]) == len(r["tokens"]) == n_seq
     assert r["all"] == 1.0
     assert r["through"] is not None and 0 <= r["through"] < n_seq  # taking back everything does give it back
-    table = bleed.summary_table([{"case": 0, "neighbour": prompt, "locality": 0.5, **r},
-                                 {"case": 1, "neighbour": "x", "locality": 1.0}], "t")
-    assert table.startswith("t: 2 neighbours, locality 0.750, 1 moved") and "| 0 | w3 w9 w4 w1 | 1.00 |" in table
+    per = {"size_by_module": {"m": 2.0}, "reach_by_module": {"m": 0.5}}
+    table = bleed.summary_table([{"case": 0, "neighbour": prompt, "locality": 0.5, "size": 2.0, "reach": 0.5, **per, **r},
+                                 {"case": 1, "neighbour": "x", "locality": 1.0, "size": 4.0, "reach": 0.25,
+                                  "size_by_module": {"m": 4.0}, "reach_by_module": {"m": 0.25}}], "t")
+    assert "| m | 3.00 | 0.50 | 0.25 |" in table
+    assert table.startswith("t: 2 neighbours, locality 0.750, 1 moved; change size at the edit (mean) 3.00; "
+                            "reach (neighbour / edit, mean) moved 0.50, kept 0.25")
+    assert "| 0 | w3 w9 w4 w1 | 1.00 |" in table
     assert all(0.0 <= v <= 1.0 for v in [r["prompt"], r["last"], *r["each"]])
+
+
+def test_change_per_position_is_the_summed_size_of_the_change_at_each_token(tok):
+    fmt = PromptFormat()
+    model, originals = _edited(tok)
+    deltas = bleed.weight_changes(model, originals)
+    prompt = "w3 w9 w4 w1"
+    got = bleed.change_per_position(model, tok, fmt, deltas, prompt)
+    ids = torch.tensor([fmt.context_ids(tok, prompt)])
+    keys = {}
+    hooks = [dict(model.named_modules())[m].register_forward_hook(
+        lambda mod, args, out, m=m: keys.__setitem__(m, args[0][0])) for m in deltas]
+    with torch.no_grad():
+        model(input_ids=ids)
+    for h in hooks:
+        h.remove()
+    want = sum((keys[m] @ d.T).norm(dim=-1) for m, d in deltas.items())
+    assert len(got) == ids.shape[1] and torch.allclose(torch.tensor(got), want, rtol=1e-5)
+    by_module = bleed.change_by_module(model, tok, fmt, deltas, prompt)
+    assert sorted(by_module) == sorted(deltas)
+    assert torch.allclose(torch.tensor(by_module[EDITED[0][: -len(".weight")]]),
+                          (keys[EDITED[0][: -len(".weight")]] @ deltas[EDITED[0][: -len(".weight")]].T).norm(dim=-1))
+    no_change = {m: torch.zeros_like(d) for m, d in deltas.items()}
+    assert bleed.change_per_position(model, tok, fmt, no_change, prompt) == [0.0] * ids.shape[1]
 
 
 def test_only_linear_weights_can_be_taken_back(tok):
