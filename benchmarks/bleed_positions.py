@@ -31,7 +31,7 @@ import json
 import os
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Mapping, Sequence
+from typing import Callable, Iterator, Mapping, Sequence
 
 import torch
 
@@ -39,6 +39,7 @@ from mixsd_edit.bench.spec import parse_assignments, split_top_level
 from mixsd_edit.data.loaders import load_counterfact
 from mixsd_edit.evaluation.metrics import agreement, teacher_forced_predictions
 from mixsd_edit.methods import get_method
+from mixsd_edit.methods.locate.repr import module_by_name
 from mixsd_edit.models import load_model_and_tokenizer
 from mixsd_edit.prompting import PromptFormat
 
@@ -61,9 +62,18 @@ def weight_changes(model, originals: Mapping[str, torch.Tensor]) -> dict[str, to
 
 
 @contextmanager
-def taken_back_at(model, deltas: Mapping[str, torch.Tensor], positions: Sequence[int]) -> Iterator[None]:
-    """Within the block the model acts as if ``deltas`` were not applied at ``positions`` (every row)."""
-    modules = dict(model.named_modules())
+def _hooked(model, hooks: Mapping[str, Callable]) -> Iterator[None]:
+    """``{module name: forward hook}`` registered for the block, removed after it."""
+    handles = [module_by_name(model, m).register_forward_hook(h) for m, h in hooks.items()]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def taken_back_at(model, deltas: Mapping[str, torch.Tensor], positions: Sequence[int]):
+    """Context manager: within it the model acts as if ``deltas`` were not applied at ``positions`` (every row)."""
     pos = list(positions)
 
     def make_hook(d):
@@ -73,19 +83,13 @@ def taken_back_at(model, deltas: Mapping[str, torch.Tensor], positions: Sequence
             return out
         return hook
 
-    handles = [modules[m].register_forward_hook(make_hook(d)) for m, d in deltas.items()]
-    try:
-        yield
-    finally:
-        for h in handles:
-            h.remove()
+    return _hooked(model, {m: make_hook(d) for m, d in deltas.items()})
 
 
 @torch.no_grad()
 def change_by_module(model, tok, fmt: PromptFormat, deltas: Mapping[str, torch.Tensor], prompt: str
                      ) -> dict[str, list[float]]:
     """``{module: |ΔW k_t| at each token of prompt}`` (its context ids) for every changed module."""
-    modules = dict(model.named_modules())
     got: dict[str, list[float]] = {}
 
     def make_hook(m, d):
@@ -93,27 +97,27 @@ def change_by_module(model, tok, fmt: PromptFormat, deltas: Mapping[str, torch.T
             got[m] = (args[0][0].float() @ d.T).norm(dim=-1).tolist()
         return hook
 
-    handles = [modules[m].register_forward_hook(make_hook(m, d)) for m, d in deltas.items()]
-    try:
+    with _hooked(model, {m: make_hook(m, d) for m, d in deltas.items()}):
         model(input_ids=torch.tensor([fmt.context_ids(tok, prompt)], device=next(model.parameters()).device))
-    finally:
-        for h in handles:
-            h.remove()
     return got
+
+
+def summed_over_modules(by_module: Mapping[str, Sequence[float]]) -> list[float]:
+    """Per token, the sum over modules of :func:`change_by_module`'s values."""
+    return [sum(col) for col in zip(*by_module.values())]
 
 
 def change_per_position(model, tok, fmt: PromptFormat, deltas: Mapping[str, torch.Tensor], prompt: str) -> list[float]:
     """Σ over the changed modules of |ΔW k_t| at each token of ``prompt``."""
-    by_module = change_by_module(model, tok, fmt, deltas, prompt)
-    return [sum(col) for col in zip(*by_module.values())]
+    return summed_over_modules(change_by_module(model, tok, fmt, deltas, prompt))
 
 
 def position_reverts(model, tok, fmt: PromptFormat, deltas: Mapping[str, torch.Tensor], prompt: str, answer: str,
                      before: Sequence[int]) -> dict:
     """Locality of one neighbour (``before``: its unedited teacher-forced predictions) with the change taken
     back at all / prompt / last / each single position."""
-    n_ctx = len(fmt.context_ids(tok, prompt))
-    seq = fmt.context_ids(tok, prompt) + fmt.answer_ids(tok, answer)
+    ctx = fmt.context_ids(tok, prompt)
+    n_ctx, seq = len(ctx), ctx + fmt.answer_ids(tok, answer)
 
     def loc(positions):
         with taken_back_at(model, deltas, positions):
@@ -152,14 +156,15 @@ def main(argv=None):
         try:
             deltas = weight_changes(model, originals)
             afters = [p for p, _ in teacher_forced_predictions(model, tok, fmt, nb["prompt"], nb["ground_truth"])]
-            size = max(change_per_position(model, tok, fmt, deltas, req["prompt"]))
-            at_edit = {m: max(v) for m, v in change_by_module(model, tok, fmt, deltas, req["prompt"]).items()}
+            edit_changes = change_by_module(model, tok, fmt, deltas, req["prompt"])
+            size = max(summed_over_modules(edit_changes))
+            at_edit = {m: max(v) for m, v in edit_changes.items()}
             for p, g, pre, post in zip(nb["prompt"], nb["ground_truth"], befores, afters):
-                at_nb = {m: max(v) for m, v in change_by_module(model, tok, fmt, deltas, p).items()}
+                nb_changes = change_by_module(model, tok, fmt, deltas, p)
                 row = {"case": a + i, "edit": req["prompt"], "target_new": req["target_new"], "neighbour": p,
                        "locality": agreement(pre, post), "size": size,
-                       "reach": max(change_per_position(model, tok, fmt, deltas, p)) / max(size, 1e-12),
-                       "size_by_module": at_edit, "reach_by_module": {m: at_nb[m] / max(at_edit[m], 1e-12) for m in at_nb}}
+                       "reach": max(summed_over_modules(nb_changes)) / max(size, 1e-12), "size_by_module": at_edit,
+                       "reach_by_module": {m: max(v) / max(at_edit[m], 1e-12) for m, v in nb_changes.items()}}
                 if row["locality"] < 1:
                     row.update(position_reverts(model, tok, fmt, deltas, p, g, pre))
                 rows.append(row)
